@@ -1,0 +1,113 @@
+"""The ``twotower`` console script: thin argument parsing around one typed function each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data option, e.g. --set path=../shared/data/ml-100k (repeatable)",
+    )
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.removeprefix("data.")] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="twotower", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data-report", help="load, validate, sessionize and split; print the report")
+    _add_config_args(p)
+    p.add_argument("--json", help="also write the report as JSON to this file")
+
+    p = sub.add_parser("evaluate", help="metrics table on the test split (with --baselines)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--baselines", action="store_true", help="also evaluate the baselines")
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("-k", "--ks", default="10,20,50", help="comma-separated cut-offs")
+    p.add_argument(
+        "--filter-seen",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="drop already-seen tracks from rankings (auto: the data config's choice)",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--json", help="also write the table as JSON")
+
+    p = sub.add_parser("recommend", help="next tracks for a listening history")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--history", default="", help="comma-separated track ids, oldest first")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--split-out", help="batch mode: write top-k of every test user to Parquet")
+
+    p = sub.add_parser("similar", help="tracks most similar to one track")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--track", required=True)
+    p.add_argument("-k", type=int, default=10)
+
+    p = sub.add_parser("serve", help="HTTP service with the demo page")
+    p.add_argument("--artifacts", required=True)
+    p.add_argument("--compare", help="second artifact folder for the review panel")
+    p.add_argument("--reviews", default="reviews.sqlite", help="SQLite file for review ratings")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    from twotower.data.schema import DataError
+
+    try:
+        return _dispatch(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"twotower {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "data-report":
+        from twotower.data.pipeline import data_report, load_data_config
+
+        cfg = load_data_config(args.config, _overrides(args.set))
+        report = data_report(cfg)
+        print(report.format())
+        if args.json:
+            from pathlib import Path
+
+            Path(args.json).write_text(report.to_json())
+        return 0
+    if args.command == "evaluate":
+        from twotower.evaluate import evaluate_main
+
+        return evaluate_main(args)
+    if args.command in ("recommend", "similar"):
+        from twotower.retrieve import cli_main
+
+        return cli_main(args)
+    if args.command == "serve":
+        from twotower.serve.app import serve_main
+
+        return serve_main(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

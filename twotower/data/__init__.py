@@ -1,0 +1,1 @@
+"""Data layer: loaders, validation, sessions, vocabularies, splits, caching, synthetic data."""
