@@ -35,7 +35,8 @@ class Sequences:
 
     Attributes:
         items: Item index of every event, ``[N]`` int64.
-        offsets: Row starts, ``[S + 1]`` int64; sequence ``s`` is ``items[offsets[s]:offsets[s+1]]``.
+        offsets: Row starts, ``[S + 1]`` int64; sequence ``s`` is
+            ``items[offsets[s]:offsets[s+1]]``.
         users: User index per sequence, ``[S]`` int64 (0 when the source has no users).
         hours: Hour of day per event, ``[N]`` int8, -1 unknown.
         contexts: Context-type index per event, ``[N]`` int64 (0 unknown).
