@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twotower.data.schema import INTERACTION_COLUMNS, DataError
+from twotower.data.synthetic import (
+    AUDIO_FEATURES,
+    PRESETS,
+    SKIPPED_REASON,
+    ground_truth,
+    load,
+    make_config,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    res = load(preset="tiny")
+    return res, ground_truth("tiny")
+
+
+def _cluster(truth, track_ids: pd.Series) -> np.ndarray:
+    return truth.cluster_of(track_ids)
+
+
+def test_tiny_size_and_speed():
+    t0 = time.perf_counter()
+    res = load(preset="tiny")
+    elapsed = time.perf_counter() - t0
+    df = res.interactions
+    assert elapsed < 1.5  # goal < 1 s; slack for the shared 2-core machine
+    assert tuple(df.columns) == INTERACTION_COLUMNS
+    assert df["user_id"].nunique() == 300
+    assert df["track_id"].nunique() <= 500
+    assert len(res.tracks) == 500
+    assert 10_000 <= len(df) <= 20_000
+    assert res.report.rows_read == len(df)
+    assert res.report.counted[SKIPPED_REASON] == int(df["skipped"].sum())
+    assert df["session_id"].isna().all()  # the pipeline sessionizes by gap
+    assert df["timestamp"].notna().all()
+
+
+def test_deterministic_by_seed():
+    a = load(preset="tiny", seed=7)
+    b = load(preset="tiny", seed=7)
+    c = load(preset="tiny", seed=8)
+    pd.testing.assert_frame_equal(a.interactions, b.interactions)
+    pd.testing.assert_frame_equal(a.tracks, b.tracks)
+    assert not a.interactions["track_id"].equals(c.interactions["track_id"])
+    ta, tb = ground_truth("tiny", seed=7), ground_truth("tiny", seed=7)
+    np.testing.assert_array_equal(ta.user_tastes, tb.user_tastes)
+
+
+def test_consecutive_plays_share_cluster_far_above_chance(tiny):
+    res, truth = tiny
+    df = res.interactions
+    cl = _cluster(truth, df["track_id"])
+    assert (cl >= 0).all()
+    ts = df["timestamp"].to_numpy(dtype=np.int64)
+    same_user = (df["user_id"].to_numpy()[1:] == df["user_id"].to_numpy()[:-1]) & (
+        np.diff(ts) < 1800
+    )
+    share = (cl[1:] == cl[:-1])[same_user].mean()
+    freq = np.bincount(cl) / len(cl)
+    chance = float((freq**2).sum())  # two independent plays share a cluster
+    assert chance < 0.3
+    assert share > 0.85
+    assert share > 3 * chance
+
+
+def test_users_play_their_tastes(tiny):
+    res, truth = tiny
+    df = res.interactions
+    tastes = truth.tastes_of(df["user_id"].drop_duplicates())
+    n = np.array([len(t) for t in tastes])
+    assert n.min() >= 1 and n.max() <= 3 and len(set(n)) == 3
+    cl = _cluster(truth, df["track_id"])
+    uid = pd.Index(truth.user_ids).get_indexer(df["user_id"].to_numpy())
+    on = (truth.user_tastes[uid] == cl[:, None]).any(axis=1)
+    assert on.mean() > 0.9
+    skipped = df["skipped"].to_numpy()
+    # Off-taste tracks are skipped far more often (planted 0.5 vs 0.1).
+    assert skipped[~on].mean() > 0.3
+    assert skipped[on].mean() < 0.15
+
+
+def test_popularity_heavy_tailed(tiny):
+    res, _ = tiny
+    counts = np.sort(res.interactions["track_id"].value_counts().to_numpy())[::-1]
+    top10 = counts[: max(1, len(counts) // 10)].sum() / counts.sum()
+    assert top10 > 0.4  # uniform would be 0.1
+    assert counts[0] > 20 * np.median(counts)
+
+
+def test_sessions_are_separable_by_a_30_minute_gap(tiny):
+    res, _ = tiny
+    df = res.interactions
+    same_user = df["user_id"].to_numpy()[1:] == df["user_id"].to_numpy()[:-1]
+    gaps = np.diff(df["timestamp"].to_numpy(dtype=np.int64))[same_user]
+    assert (gaps > 0).all()  # ordered in time per user
+    inside, between = gaps[gaps <= 1800], gaps[gaps > 1800]
+    assert inside.max() <= 240  # 3-4 min per play, shorter when skipped
+    assert between.min() >= 3600  # at least an hour between sessions
+    assert len(between) > 300  # several sessions per user
+    hours = df["hour"].to_numpy(dtype=np.int64)
+    np.testing.assert_array_equal(hours, (df["timestamp"].to_numpy(np.int64) // 3600) % 24)
+    # One context type per session.
+    ctx = df["context_type"].to_numpy()
+    within = same_user & (np.diff(df["timestamp"].to_numpy(np.int64)) <= 1800)
+    assert (ctx[1:][within] == ctx[:-1][within]).all()
+
+
+def test_track_metadata_matches_truth(tiny):
+    res, truth = tiny
+    tr = res.tracks
+    cl = truth.cluster_of(tr["track_id"])
+    num = tr["track_id"].str.slice(1).astype(int).to_numpy()
+    assert (tr["title"] == "Track " + pd.Series(num).astype(str)).all()
+    assert (tr["artist"] == "Artist " + pd.Series(truth.track_artist[num]).astype(str)).all()
+    first_genre = tr["genres"].str.split("|").str[0]
+    assert (first_genre == "genre-" + pd.Series(cl).astype(str)).all()
+    assert tr["genres"].str.contains("|", regex=False).any()
+    assert tr["year"].notna().all()
+    # Audio features are explained mostly by the cluster (between-cluster variance share).
+    for name in AUDIO_FEATURES:
+        x = tr[name].to_numpy(dtype=np.float64)
+        means = np.bincount(cl, weights=x) / np.bincount(cl)
+        r2 = 1 - ((x - means[cl]) ** 2).sum() / ((x - x.mean()) ** 2).sum()
+        assert r2 > 0.3, name
+
+
+def test_n_plays_knob_and_vectorised_speed():
+    t0 = time.perf_counter()
+    res = load(preset="default", n_plays=1_000_000)
+    elapsed = time.perf_counter() - t0
+    assert abs(len(res.interactions) - 1_000_000) < 50_000
+    assert elapsed < 5.0
+
+
+def test_default_preset_size():
+    cfg = PRESETS["default"]
+    assert cfg.n_users == 3000 and cfg.n_tracks == 5000
+    assert 250_000 < cfg.n_users * cfg.sessions_per_user * cfg.mean_length < 350_000
+
+
+def test_missing_metadata_option():
+    res = load(preset="tiny", p_missing_metadata=0.2)
+    assert 300 < len(res.tracks) < 500
+
+
+def test_bad_options():
+    with pytest.raises(DataError, match="unknown option"):
+        load(preset="tiny", n_user=3)
+    with pytest.raises(DataError, match="unknown preset"):
+        load(preset="huge")
+    with pytest.raises(DataError, match="takes no path"):
+        load("some/file.csv", preset="tiny")
+    with pytest.raises(DataError, match="max_session_length"):
+        make_config("tiny", max_session_length=51)

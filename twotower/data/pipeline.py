@@ -1,0 +1,516 @@
+"""The preprocessing pipeline: load -> sessionize -> filter -> split -> vocabularies -> features.
+
+:func:`prepare_data` turns a :class:`DataConfig` into :class:`~twotower.data.prepared.PreparedData`
+and caches the result under ``cache_dir/<fingerprint[:16]>``; the fingerprint hashes the input
+files' contents, the parameters and the cache format, so a changed file or option gives a new
+key, and a damaged cache folder is rebuilt (never trusted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from twotower import __version__
+from twotower.data import splits as sp
+from twotower.data.features import build_item_features
+from twotower.data.prepared import CACHE_FORMAT, PreparedData
+from twotower.data.report import DataReport
+from twotower.data.schema import DataError
+from twotower.data.sessions import (
+    Events,
+    dedupe_consecutive,
+    events_from_frame,
+    kcore,
+    sessionize_events,
+)
+from twotower.data.sources import load_source
+from twotower.data.vocab import OOV, PAD, Vocab
+
+log = logging.getLogger("twotower")
+
+DATAMODULE_ONLY_KEYS = {
+    "batch_size",
+    "eval_batch_size",
+    "window",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",
+}
+# Bump when the preprocessing (or the synthetic generator) produces different arrays for the
+# same input: it is part of the cache key, so old caches are not reused.
+PIPELINE_VERSION = 2
+SKIPPED_REASON = "skipped play (kept as signal, not a positive)"
+LISTENING_LOG_FORMATS = ("mssd", "lastfm", "synthetic")
+COLD_TARGET_REASON = "cold target (not in training): counts as a miss"
+RANDOM_HOLDOUT_NOTE = "random per-user holdout: no play order"
+_CHOICES = {
+    "sequence_by": ("auto", "user", "session"),
+    "split": ("leave_last_out", "time"),
+    "filter_seen": ("auto", "on", "off"),
+}
+_BOOL_WORDS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a config (each field is ``--data.<name>`` on the training CLI).
+
+    Attributes:
+        format: Loader name (see :data:`twotower.data.sources.FORMATS`).
+        path: Input file or folder (None for ``synthetic``).
+        columns: Canonical column -> column name in the file (generic formats).
+        options: Passed to the loader, e.g. ``{"preset": "tiny"}`` or ``{"min_rating": 4}``.
+        session_gap_minutes: Inactivity (strictly more than this) that starts a new session.
+        sequence_by: ``user`` | ``session`` | ``auto`` (user when every row has a user id).
+        split: ``leave_last_out`` | ``time``.
+        val_cutoff: ISO date/time (UTC unless an offset is given) that starts validation
+            (``time`` split).
+        test_cutoff: ISO date/time that starts test (``time`` split).
+        dedupe_consecutive: Remove consecutive repeats of a track inside a session.
+        kcore: Iteratively drop users and tracks with fewer rows than this (0 off).
+        max_history: Events kept in each evaluation history (the most recent).
+        filter_seen: ``auto`` | ``on`` | ``off``: drop already-seen items from evaluation
+            rankings. Auto is on for explicit ratings (MovieLens) and for other non-log data
+            whose sequences never repeat an item (HetRec pairs); off for listening logs (MSSD,
+            Last.fm-1K, synthetic, data with repeats), where re-listening is normal. Resolved
+            into ``params["filter_seen"]`` (bool).
+        cache_dir: Cache folder (None disables caching).
+        seed: Seed of everything random in preprocessing (random holdout order).
+    """
+
+    format: str = "synthetic"
+    path: str | None = None
+    columns: dict[str, str] | None = None
+    options: dict[str, Any] | None = None
+    session_gap_minutes: float = 30.0
+    sequence_by: str = "auto"
+    split: str = "leave_last_out"
+    val_cutoff: str | None = None
+    test_cutoff: str | None = None
+    dedupe_consecutive: bool = False
+    kcore: int = 0
+    max_history: int = 200
+    filter_seen: str = "auto"
+    cache_dir: str | None = ".cache/twotower"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.filter_seen = _normalise_switch(self.filter_seen)
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise DataError(
+                    f"data.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.split == "time":
+            if not self.val_cutoff or not self.test_cutoff:
+                raise DataError("data.split=time needs data.val_cutoff and data.test_cutoff")
+            if parse_cutoff(self.val_cutoff) >= parse_cutoff(self.test_cutoff):
+                raise DataError("data.val_cutoff must be earlier than data.test_cutoff")
+        if self.max_history < 1:
+            raise DataError("data.max_history must be >= 1")
+        if self.session_gap_minutes <= 0:
+            raise DataError("data.session_gap_minutes must be > 0")
+
+
+def _normalise_switch(value: Any) -> str:
+    """``True``/``"yes"``/``"on"`` -> ``"on"``, likewise off; other values unchanged."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _BOOL_WORDS.get(str(value).lower(), str(value).lower())
+
+
+def parse_cutoff(value: str | dt.date) -> int:
+    """ISO date or date-time -> unix seconds (UTC unless the string has an offset).
+
+    Raises:
+        DataError: Not an ISO date.
+    """
+    try:
+        ts = pd.Timestamp(str(value))
+    except (ValueError, TypeError) as e:
+        raise DataError(f"cut-off {value!r}: expected an ISO date such as 2020-01-31") from e
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return int(ts.timestamp())
+
+
+# ----------------------------------------------------------------------------- config loading
+_FIELD_NAMES = tuple(f.name for f in fields(DataConfig))
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Make YAML values fit the field: dates -> ISO strings, bools -> on/off, dict checks."""
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if name == "filter_seen":
+        return _normalise_switch(value)
+    if name in ("columns", "options") and value is not None and not isinstance(value, dict):
+        raise DataError(f"{where}: data.{name} must be a mapping, got {value!r}")
+    if name in ("path", "cache_dir", "val_cutoff", "test_cutoff", "format") and value is not None:
+        return str(value)
+    return value
+
+
+def _data_section(path: str) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML ({e})") from e
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a mapping at the top level")
+    data = doc.get("data") or {}
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: 'data' must be a mapping")
+    if "class_path" in data or "init_args" in data:
+        data = data.get("init_args") or {}
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: 'data.init_args' must be a mapping")
+    return data
+
+
+def load_data_config(config_paths: list[str], overrides: dict[str, str]) -> DataConfig:
+    """The data section of one or more YAML configs (later files win) plus overrides.
+
+    Accepts ``data: {name: value}`` and ``data: {class_path: .., init_args: {..}}``. Keys that
+    belong only to the DataModule (:data:`DATAMODULE_ONLY_KEYS`) are ignored.
+
+    Args:
+        config_paths: YAML files in order.
+        overrides: ``name -> value`` strings, parsed with ``yaml.safe_load``; a dotted name such
+            as ``options.preset`` sets one key of a mapping field.
+
+    Raises:
+        DataError: Unknown key (naming the file), bad value, or unreadable file.
+        FileNotFoundError: A config file does not exist.
+    """
+    values: dict[str, Any] = {}
+    for path in config_paths:
+        for key, value in _data_section(path).items():
+            if key in DATAMODULE_ONLY_KEYS:
+                continue
+            if key not in _FIELD_NAMES:
+                raise DataError(
+                    f"{path}: unknown data option {key!r}; expected one of {list(_FIELD_NAMES)}"
+                )
+            values[key] = _coerce(key, value, path)
+    for key, raw in overrides.items():
+        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        name, _, sub = key.partition(".")
+        if name in DATAMODULE_ONLY_KEYS:
+            continue
+        if name not in _FIELD_NAMES:
+            raise DataError(
+                f"override {key!r}: unknown data option; expected one of {list(_FIELD_NAMES)}"
+            )
+        if sub:
+            if name not in ("columns", "options"):
+                raise DataError(f"override {key!r}: only columns.X and options.X can be dotted")
+            values[name] = {**(values.get(name) or {}), sub: value}
+        else:
+            values[name] = _coerce(name, value, f"override {key!r}")
+    return DataConfig(**values)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def _input_files(cfg: DataConfig) -> list[Path]:
+    """Files that can influence the load: ``path`` (recursively) and ``*path`` options."""
+    roots = [cfg.path] if cfg.path else []
+    for key, value in sorted((cfg.options or {}).items()):
+        if key.endswith("path") and isinstance(value, str) and os.path.exists(value):
+            roots.append(value)
+    files: list[Path] = []
+    for root in roots:
+        p = Path(root)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files.extend(
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+    return files
+
+
+def _params(cfg: DataConfig) -> dict[str, Any]:
+    """The parameters that define the output (everything but the cache location)."""
+    d = asdict(cfg)
+    d.pop("cache_dir")
+    return d
+
+
+def fingerprint(cfg: DataConfig) -> str:
+    """sha256 over the input files' contents and names, the parameters and the cache format.
+
+    Raises:
+        FileNotFoundError: ``cfg.path`` is set but does not exist.
+    """
+    if cfg.path and not os.path.exists(cfg.path):
+        raise FileNotFoundError(f"data.path {cfg.path!r} does not exist")
+    h = hashlib.sha256()
+    versions = {"cache_format": CACHE_FORMAT, "version": __version__, "pipeline": PIPELINE_VERSION}
+    h.update(json.dumps(versions).encode())
+    h.update(json.dumps(_params(cfg), sort_keys=True, default=str).encode())
+    for f in _input_files(cfg):
+        h.update(f"\0{f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- statistics
+def _quantiles(lengths: np.ndarray) -> dict[str, float]:
+    if len(lengths) == 0:
+        return {}
+    q = np.quantile(lengths, [0.1, 0.5, 0.9])
+    return {"p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2]), "max": float(lengths.max())}
+
+
+def popularity_stats(counts: np.ndarray) -> dict[str, float]:
+    """Share of plays on the top 1% of tracks, Gini coefficient, tracks with one play.
+
+    Args:
+        counts: Plays per track (tracks with zero plays are ignored).
+    """
+    x = np.sort(counts[counts > 0]).astype(np.float64)
+    n = len(x)
+    if n == 0:
+        return {}
+    top = max(1, int(np.ceil(0.01 * n)))
+    gini = float(2.0 * np.sum(np.arange(1, n + 1) * x) / (n * x.sum()) - (n + 1.0) / n)
+    return {
+        "top1pct_share": float(x[-top:].sum() / x.sum()),
+        "gini": gini,
+        "tracks_1_play": float((x == 1).sum()),
+    }
+
+
+def _vocab_from_codes(codes: np.ndarray, raw: np.ndarray) -> tuple[Vocab, np.ndarray]:
+    """Vocabulary of the codes present (most frequent first, ties by id) and code -> index.
+
+    Returns:
+        The vocabulary, and an ``[len(raw) + 1]`` lookup where entry ``c + 1`` is the index of
+        code ``c`` (OOV for codes absent from ``codes``) and entry 0 (code -1) is PAD.
+    """
+    counts = np.bincount(codes[codes >= 0], minlength=len(raw))
+    present = np.flatnonzero(counts)
+    order = pd.DataFrame({"id": raw[present].astype(str), "n": counts[present], "c": present})
+    order = order.sort_values(["n", "id"], ascending=[False, True], kind="stable")
+    lookup = np.full(len(raw) + 1, OOV, dtype=np.int32 if len(raw) < 2**31 - 3 else np.int64)
+    lookup[0] = PAD
+    lookup[order["c"].to_numpy() + 1] = np.arange(len(order)) + 2
+    return Vocab(order["id"].tolist()), lookup
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _resolve_sequence_by(cfg: DataConfig, ev: Events) -> str:
+    has_users = bool(len(ev)) and bool((ev.user >= 0).all())
+    if cfg.sequence_by == "auto":
+        return "user" if has_users else "session"
+    if cfg.sequence_by == "user" and not has_users:
+        raise DataError("data.sequence_by=user, but some rows have no 'user_id'")
+    return cfg.sequence_by
+
+
+def _resolve_filter_seen(
+    cfg: DataConfig, source: str, seq: np.ndarray, ev: Events, roles: np.ndarray
+) -> tuple[bool, str]:
+    """Resolve ``filter_seen``; returns the choice and the reason for the report.
+
+    Auto is on for explicit ratings (MovieLens) and for other non-log sources whose sequences
+    never repeat an item (e.g. HetRec user-artist pairs); off for listening logs (MSSD,
+    Last.fm-1K, synthetic, or any data with repeats), where re-listening is normal.
+    """
+    if cfg.filter_seen != "auto":
+        return cfg.filter_seen == "on", f"filter_seen {cfg.filter_seen} (set in the config)"
+    rows = np.flatnonzero((roles == sp.TRAIN) & ev.positive)
+    pairs = seq[rows].astype(np.int64) * (len(ev.track_ids) + 1) + ev.track[rows]
+    repeats = len(pairs) - len(sp.sorted_unique(pairs))
+    if "movielens" in source.lower() or cfg.format == "movielens":
+        on, why = True, "explicit ratings"
+    elif cfg.format in LISTENING_LOG_FORMATS:
+        on, why = False, "listening log: re-listening is normal"
+    else:
+        on = repeats == 0
+        why = f"{repeats:,} training plays repeat an earlier item of their sequence"
+    return on, f"filter_seen auto -> {'on' if on else 'off'} ({why})"
+
+
+def _build(cfg: DataConfig, fp: str) -> PreparedData:
+    t0 = time.perf_counter()
+    res = load_source(cfg.format, cfg.path, cfg.columns, **(cfg.options or {}))
+    report = res.report
+    report.source = report.source or res.source or cfg.format
+    report.files = report.files or list(res.files)
+    if not report.rows_read:
+        report.rows_read = len(res.interactions) + report.rows_dropped
+    t_load = time.perf_counter() - t0
+    if len(res.interactions) == 0:
+        raise DataError(f"{cfg.path or cfg.format}: no interactions left after loading")
+
+    ev = events_from_frame(res.interactions)
+    res.interactions = res.interactions.iloc[:0]  # free the table: only the arrays go on
+    pa.default_memory_pool().release_unused()
+    if not any("skipped" in k for k in report.counted):
+        report.count(SKIPPED_REASON, int((~ev.positive).sum()))
+    if not res.ordered:
+        if cfg.split == "time":
+            raise DataError(
+                f"{report.source}: data.split=time needs play times; use leave_last_out"
+            )
+        report.notes.append(RANDOM_HOLDOUT_NOTE)
+    ev = sessionize_events(ev, cfg.session_gap_minutes, random_order=not res.ordered, seed=cfg.seed)
+    if cfg.dedupe_consecutive:
+        ev = dedupe_consecutive(ev, report)
+    ev = kcore(ev, cfg.kcore, report)
+    if len(ev) == 0:
+        raise DataError(f"{report.source}: no interactions left after filtering (kcore?)")
+
+    sequence_by = _resolve_sequence_by(cfg, ev)
+    seq = sp.sequence_ids(ev.user if sequence_by == "user" else ev.session)
+    if cfg.split == "leave_last_out":
+        roles = sp.leave_last_out(seq, ev.positive, report)
+    else:
+        if (ev.timestamp < 0).any():
+            raise DataError("data.split=time: some rows have no timestamp")
+        roles = sp.time_split(
+            seq,
+            ev.positive,
+            ev.timestamp,
+            parse_cutoff(cfg.val_cutoff or ""),
+            parse_cutoff(cfg.test_cutoff or ""),
+            by_session=sequence_by == "session",
+            report=report,
+        )
+
+    # Vocabularies from the training rows only: later tracks/users/contexts map to OOV.
+    train = roles == sp.TRAIN
+    item_vocab, item_lut = _vocab_from_codes(ev.track[train], ev.track_ids)
+    user_vocab, user_lut = _vocab_from_codes(ev.user[train], ev.user_ids)
+    ctx_vocab, ctx_lut = _vocab_from_codes(ev.context[train], ev.context_ids)
+    items = item_lut[ev.track + 1]
+    users = user_lut[ev.user + 1]
+    contexts = ctx_lut[ev.context + 1]
+
+    train_rows = np.flatnonzero(train)
+    sequences = sp.build_sequences(
+        train_rows, seq, items, users, ev.hour, contexts, ev.positive, ev.timestamp
+    )
+    evals = {}
+    for name, role in (("valid", sp.VALID), ("test", sp.TEST)):
+        rows = np.flatnonzero(roles == role)
+        report.count(COLD_TARGET_REASON, int((items[rows] == OOV).sum()))
+        evals[name] = sp.build_eval_set(
+            rows, seq, ev.positive, items, users, ev.hour, contexts, cfg.max_history
+        )
+    item_counts = np.bincount(
+        items[train_rows[ev.positive[train_rows]]], minlength=len(item_vocab)
+    ).astype(np.int64)
+    features, display = build_item_features(res.tracks, item_vocab, report)
+    filter_seen, why = _resolve_filter_seen(cfg, report.source, seq, ev, roles)
+    report.notes.append(why)
+
+    # The report.
+    report.rows_kept = len(ev)
+    report.users = int(np.count_nonzero(np.bincount(ev.user[ev.user >= 0])))
+    report.tracks = int(np.count_nonzero(np.bincount(ev.track)))
+    report.sessions = int(ev.session[-1]) + 1
+    known = ev.timestamp[ev.timestamp >= 0]
+    report.time_min = int(known.min()) if len(known) else None
+    report.time_max = int(known.max()) if len(known) else None
+    report.session_length = _quantiles(np.bincount(ev.session))
+    report.popularity = popularity_stats(np.bincount(ev.track))
+    report.split = {
+        "train_events": int(len(train_rows)),
+        "train_positives": int(ev.positive[train_rows].sum()),
+        "train_sequences": len(sequences),
+        "valid": len(evals["valid"]),
+        "test": len(evals["test"]),
+        "held_out_events": int((roles == sp.HELD_OUT).sum()),
+    }
+    params = {
+        **_params(cfg),
+        "sequence_by": sequence_by,
+        "filter_seen": filter_seen,
+        "source": report.source,
+        "ordered": bool(res.ordered),
+    }
+    log.info("prepared %s in %.2f s (load %.2f s)", report.source, time.perf_counter() - t0, t_load)
+    return PreparedData(
+        item_vocab=item_vocab,
+        user_vocab=user_vocab,
+        context_vocab=ctx_vocab,
+        train=sequences,
+        valid=evals["valid"],
+        test=evals["test"],
+        item_counts=item_counts,
+        features=features,
+        tracks=display,
+        report=report,
+        fingerprint=fp,
+        params=params,
+    )
+
+
+def cache_path(cfg: DataConfig, fp: str | None = None) -> Path | None:
+    """Folder of the cached result of ``cfg`` (None when caching is off)."""
+    if cfg.cache_dir is None:
+        return None
+    return Path(cfg.cache_dir) / (fp or fingerprint(cfg))[:16]
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Load, sessionize, filter, split and encode the data of ``cfg``, with a cache.
+
+    A cached result is used when its fingerprint matches; a truncated or corrupt cache folder
+    is logged as a warning and rebuilt.
+
+    Raises:
+        DataError: Bad input or impossible settings (the message names the file/column/option).
+    """
+    fp = fingerprint(cfg)
+    folder = cache_path(cfg, fp)
+    if folder is not None and folder.exists():
+        try:
+            t0 = time.perf_counter()
+            data = PreparedData.load(folder)
+            if data.fingerprint != fp:
+                raise ValueError(f"{folder}: fingerprint mismatch")
+            log.info("data cache hit: %s (%.2f s)", folder, time.perf_counter() - t0)
+            return data
+        except ValueError as e:
+            log.warning("data cache at %s is unusable, rebuilding: %s", folder, e)
+    elif folder is not None:
+        log.info("data cache miss: %s", folder)
+    data = _build(cfg, fp)
+    log.info("%s", data.report.format())
+    if folder is not None:
+        data.save(folder)
+    return data
+
+
+def data_report(cfg: DataConfig) -> DataReport:
+    """The report of :func:`prepare_data` (what ``twotower data-report`` prints)."""
+    return prepare_data(cfg).report
+
+
+def replace_config(cfg: DataConfig, **changes: Any) -> DataConfig:
+    """A copy of ``cfg`` with fields changed (validated again)."""
+    return dataclasses.replace(cfg, **changes)

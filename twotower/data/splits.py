@@ -1,0 +1,253 @@
+"""Train / validation / test splits of ordered event sequences, and their CSR arrays.
+
+Every function here works on rows that are already in sequence order (see
+:mod:`twotower.data.sessions`): ``seq`` is a dense, non-decreasing sequence number per row. A
+split assigns each row a role: training event, validation target, test target, or held out
+(a row after the validation target that is neither a target nor training, e.g. a skipped play
+between the two targets). Histories of validation and test examples are always *the positive
+events of the same sequence before the target*, so one builder serves every split.
+
+Leakage: nothing here looks at items; the pipeline builds the item vocabulary from the training
+rows only, so a track first seen after the cut maps to OOV in histories and targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from twotower.data.prepared import EvalSet, Sequences
+from twotower.data.report import DataReport
+from twotower.data.sessions import run_ids
+from twotower.data.vocab import OOV
+
+TRAIN, VALID, TEST, HELD_OUT = 0, 1, 2, 3
+SHORT_REASON = "row of a sequence with < 3 positives (training only)"
+NO_HISTORY_REASON = "evaluation target without any earlier positive (not evaluated)"
+SHORT_SESSION_REASON = "row of an evaluation session with < 2 positives (not evaluated)"
+
+
+def sequence_ids(boundary_key: np.ndarray) -> np.ndarray:
+    """Dense sequence numbers from a per-row key that is constant within a sequence.
+
+    Args:
+        boundary_key: E.g. the user code (user sequences) or session number (session
+            sequences), rows already grouped.
+    """
+    if len(boundary_key) == 0:
+        return np.zeros(0, dtype=np.int64)
+    new = np.ones(len(boundary_key), dtype=bool)
+    new[1:] = boundary_key[1:] != boundary_key[:-1]
+    return run_ids(new)
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """Distinct values, ascending (sort-based: faster than ``np.unique`` on large int arrays)."""
+    if len(values) == 0:
+        return values
+    v = np.sort(values)
+    keep = np.ones(len(v), dtype=bool)
+    keep[1:] = v[1:] != v[:-1]
+    return v[keep]
+
+
+def _starts(seq: np.ndarray) -> np.ndarray:
+    """Row offsets ``[S + 1]`` of each sequence."""
+    n_seq = int(seq[-1]) + 1 if len(seq) else 0
+    off = np.zeros(n_seq + 1, dtype=np.int64)
+    np.cumsum(np.bincount(seq, minlength=n_seq), out=off[1:])
+    return off
+
+
+def _positive_rank(seq: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Positive rows, their rank inside their sequence, and positives per sequence."""
+    n_seq = int(seq[-1]) + 1 if len(seq) else 0
+    pos_rows = np.flatnonzero(positive)
+    npos = np.bincount(seq[pos_rows], minlength=n_seq)
+    first = np.zeros(n_seq + 1, dtype=np.int64)
+    np.cumsum(npos, out=first[1:])
+    rank = np.arange(len(pos_rows)) - first[seq[pos_rows]]
+    return pos_rows, rank, npos
+
+
+def leave_last_out(
+    seq: np.ndarray, positive: np.ndarray, report: DataReport | None = None
+) -> np.ndarray:
+    """Last positive -> test, second-to-last -> validation, everything before -> training.
+
+    Sequences with fewer than 3 positives go wholly to training (counted in ``report``).
+    Rows after the validation target other than the test target (skipped plays) are held out.
+
+    Returns:
+        Role per row (:data:`TRAIN`, :data:`VALID`, :data:`TEST`, :data:`HELD_OUT`), int8.
+    """
+    n = len(seq)
+    roles = np.full(n, TRAIN, dtype=np.int8)
+    if n == 0:
+        return roles
+    pos_rows, rank, npos = _positive_rank(seq, positive)
+    s = seq[pos_rows]
+    ok = npos[s] >= 3
+    test_rows = pos_rows[ok & (rank == npos[s] - 1)]
+    val_rows = pos_rows[ok & (rank == npos[s] - 2)]
+    cut = np.full(len(npos), n, dtype=np.int64)
+    cut[seq[val_rows]] = val_rows
+    roles[np.arange(n) >= cut[seq]] = HELD_OUT
+    roles[val_rows] = VALID
+    roles[test_rows] = TEST
+    if report is not None:
+        report.count(SHORT_REASON, int(np.bincount(seq)[npos < 3].sum()))
+    return roles
+
+
+def time_split(
+    seq: np.ndarray,
+    positive: np.ndarray,
+    timestamp: np.ndarray,
+    val_cutoff: int,
+    test_cutoff: int,
+    by_session: bool,
+    report: DataReport | None = None,
+) -> np.ndarray:
+    """Global cut-off dates.
+
+    User sequences (``by_session=False``): training = events before ``val_cutoff``; the first
+    positive in ``[val_cutoff, test_cutoff)`` is the validation target and the first positive at
+    or after ``test_cutoff`` the test target (histories: every positive event before them).
+    Session sequences: a session belongs to the part in which it starts; in validation and test
+    sessions the last positive is the target given the positives before it.
+
+    Targets without an earlier positive in their sequence cannot be evaluated: they are held out
+    and counted in ``report``.
+
+    Returns:
+        Role per row, int8.
+    """
+    n = len(seq)
+    roles = np.full(n, HELD_OUT, dtype=np.int8)
+    if n == 0:
+        return roles
+    off = _starts(seq)
+    if by_session:
+        start_ts = timestamp[off[:-1]]  # [S]
+        part = np.where(start_ts < val_cutoff, TRAIN, np.where(start_ts < test_cutoff, VALID, TEST))
+        row_part = part[seq]
+        roles[row_part == TRAIN] = TRAIN
+        pos_rows, rank, npos = _positive_rank(seq, positive)
+        s = seq[pos_rows]
+        last = pos_rows[(rank == npos[s] - 1) & (npos[s] >= 2) & (part[s] != TRAIN)]
+        roles[last] = row_part[last]
+        if report is not None:
+            short = (part != TRAIN) & (npos < 2)
+            report.count(SHORT_SESSION_REASON, int(np.diff(off)[short].sum()))
+        return roles
+    roles[timestamp < val_cutoff] = TRAIN
+    for role, lo, hi in ((VALID, val_cutoff, test_cutoff), (TEST, test_cutoff, None)):
+        cand = positive & (timestamp >= lo)
+        if hi is not None:
+            cand &= timestamp < hi
+        rows = np.flatnonzero(cand)  # seq is non-decreasing: first row of each run
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = seq[rows][1:] != seq[rows][:-1]
+        roles[rows[first]] = role
+    # A target needs at least one positive before it in its sequence.
+    targets = np.flatnonzero((roles == VALID) | (roles == TEST))
+    pos_before = np.cumsum(positive) - positive  # positives strictly before each row
+    seq_pos_before = pos_before[targets] - pos_before[off[seq[targets]]]
+    empty = targets[seq_pos_before == 0]
+    roles[empty] = HELD_OUT
+    if report is not None:
+        report.count(NO_HISTORY_REASON, len(empty))
+    return roles
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(lo[i], hi[i])`` for all i, and CSR offsets."""
+    lengths = np.maximum(hi - lo, 0)
+    off = np.zeros(len(lo) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=off[1:])
+    idx = np.repeat(lo - off[:-1], lengths) + np.arange(off[-1])
+    return idx, off
+
+
+def build_eval_set(
+    target_rows: np.ndarray,
+    seq: np.ndarray,
+    positive: np.ndarray,
+    items: np.ndarray,
+    users: np.ndarray,
+    hours: np.ndarray,
+    contexts: np.ndarray,
+    max_history: int,
+) -> EvalSet:
+    """Next-item examples for the rows ``target_rows``.
+
+    Args:
+        target_rows: Row index of each target, increasing.
+        seq: Sequence number per row.
+        positive: Positive flag per row.
+        items: Item index per row (already mapped through the training vocabulary).
+        users: User index per row.
+        hours: Hour of day per row.
+        contexts: Context index per row.
+        max_history: Events kept in each history (the most recent ones).
+    """
+    off = _starts(seq)
+    pos_rows = np.flatnonzero(positive)
+    hi = np.searchsorted(pos_rows, target_rows)  # positives strictly before the target
+    lo_full = np.searchsorted(pos_rows, off[seq[target_rows]])
+    lo = np.maximum(lo_full, hi - max_history)
+    h_idx, h_off = _ranges(lo, hi)
+    history = items[pos_rows[h_idx]]
+    # seen: every distinct real item of the full history, sorted per query.
+    s_idx, s_off = _ranges(lo_full, hi)
+    n_items = int(items.max()) + 1 if len(items) else 2
+    # (query, item) keys; int32 when they fit: sorting them is the main cost here
+    kdt = np.int32 if len(target_rows) * n_items < np.iinfo(np.int32).max else np.int64
+    q = np.repeat(np.arange(len(target_rows), dtype=kdt), np.diff(s_off))
+    seen_items = items[pos_rows[s_idx]].astype(kdt, copy=False)
+    keep = seen_items > OOV
+    key = sorted_unique(q[keep] * kdt(n_items) + seen_items[keep])
+    seen_q, seen = key // n_items, key % n_items
+    seen_off = np.zeros(len(target_rows) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(seen_q, minlength=len(target_rows)), out=seen_off[1:])
+    return EvalSet(
+        history=history.astype(np.int64),
+        offsets=h_off,
+        targets=items[target_rows].astype(np.int64),
+        users=users[target_rows].astype(np.int64),
+        hours=hours[target_rows].astype(np.int8),
+        contexts=contexts[target_rows].astype(np.int64),
+        seen=seen.astype(np.int64),
+        seen_offsets=seen_off,
+    )
+
+
+def build_sequences(
+    train_rows: np.ndarray,
+    seq: np.ndarray,
+    items: np.ndarray,
+    users: np.ndarray,
+    hours: np.ndarray,
+    contexts: np.ndarray,
+    positive: np.ndarray,
+    timestamps: np.ndarray,
+) -> Sequences:
+    """Training sequences in CSR layout from the training rows (in order).
+
+    Sequences without training rows are left out; ``users`` of a sequence is the user index of
+    its first row.
+    """
+    s = seq[train_rows]
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] != s[:-1]
+    starts = np.flatnonzero(new)
+    offsets = np.append(starts, len(s)).astype(np.int64)
+    return Sequences(
+        items=items[train_rows].astype(np.int64),
+        offsets=offsets,
+        users=users[train_rows[starts]].astype(np.int64),
+        hours=hours[train_rows].astype(np.int8),
+        contexts=contexts[train_rows].astype(np.int64),
+        positive=positive[train_rows].astype(bool),
+        timestamps=timestamps[train_rows].astype(np.int64),
+    )
