@@ -1,0 +1,313 @@
+"""The demo page and review panel in headless Chromium (Debian's chromium + chromium-driver).
+
+uvicorn runs in a thread on 127.0.0.1 with a free port. Skips with the reason when Chromium,
+chromedriver or Selenium are missing. With ``TWOTOWER_SCREENSHOTS=1`` the tests also write
+``docs/demo.png`` and ``docs/review.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+from test_serve import build_real_artifacts  # noqa: E402
+
+from twotower.serve.app import create_app  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
+SCREENSHOTS = os.environ.get("TWOTOWER_SCREENSHOTS") == "1"
+SHOT_ARTIFACTS = os.environ.get("TWOTOWER_SCREENSHOT_ARTIFACTS", "")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_real_artifacts(tmp_path_factory.mktemp("browser"))
+
+
+@contextmanager
+def _serve(app) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on 127.0.0.1 (a free port); yield its URL."""
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(real: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    reviews = tmp_path_factory.mktemp("reviews") / "reviews.sqlite"
+    with _serve(create_app(real["a"], real["b"], reviews, review_k=5)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[object]:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    for exe in (CHROMIUM, CHROMEDRIVER):
+        if not (Path(exe).is_file() or shutil.which(exe)):
+            pytest.skip(f"{exe} not found (apt-get install -y chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1360,860",
+        "--force-device-scale-factor=1",
+        "--no-first-run",
+        "--disable-extensions",
+        "--disable-background-networking",
+        "--disable-component-update",
+    ):
+        opts.add_argument(arg)
+    # an explicit driver path: Selenium Manager never runs (and never downloads anything)
+    drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def _wait(drv, cond, timeout: float = 15.0):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(drv, timeout, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(cond)
+
+
+def _report_wtf(drv) -> list[str]:
+    """The WTF column of the report table, sorted (read in one go)."""
+    return sorted(
+        drv.execute_script(
+            "return Array.from(document.querySelectorAll('#report tr[data-model]'),"
+            " r => r.children[4].textContent)"
+        )
+    )
+
+
+def _rendered(drv) -> str:
+    return drv.execute_script("return document.body.dataset.rendered || ''")
+
+
+def _ids(drv, css: str) -> list[str]:
+    """Track ids of the elements matching ``css``, read in one go (no stale elements)."""
+    return drv.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.dataset.trackId)", css
+    )
+
+
+def _shot(drv, name: str) -> None:
+    (REPO / "docs").mkdir(exist_ok=True)
+    drv.save_screenshot(str(REPO / "docs" / name))
+
+
+def test_demo_search_add_recommend_and_listener(driver, base_url: str, real: dict) -> None:
+    from selenium.webdriver.common.by import By
+
+    from twotower.retrieve import Retriever
+
+    ref = Retriever.load(real["a"])
+
+    def expected(history: list[str]) -> list[str]:
+        return ref.recommend(history, k=10, exclude="history").ids
+
+    drv = driver
+    drv.get(base_url + "/")
+    _wait(drv, lambda d: "tracks" in d.find_element(By.ID, "health").text)
+    assert "24 tracks" in drv.find_element(By.ID, "health").text
+
+    drv.find_element(By.ID, "search").send_keys("track 7")
+    _wait(drv, lambda d: _ids(d, "#search-results li") == ["g07"])
+    drv.find_element(By.CSS_SELECTOR, '#search-results li[data-track-id="g07"]').click()
+    _wait(drv, lambda d: len(_ids(d, "#recs li")) == 10)
+    assert _ids(drv, "#session li") == ["g07"]
+    recs = _ids(drv, "#recs li")
+    assert recs == expected(["g07"])
+    assert {real["cluster"][t] for t in recs[:5]} == {1}  # planted: g07's cluster first
+    first = drv.find_element(By.CSS_SELECTOR, "#recs li")
+    assert f"Golden track {int(recs[0][1:])}" in first.text and "Artist B" in first.text
+
+    # click a recommendation: it joins the session and the list follows
+    first.click()
+    _wait(drv, lambda d: _ids(d, "#session li") == ["g07", recs[0]])
+    _wait(drv, lambda d: _ids(d, "#recs li") == expected(["g07", recs[0]]))
+    search = drv.find_element(By.ID, "search")
+    search.clear()
+    search.send_keys("artist")
+    _wait(drv, lambda d: len(_ids(d, "#search-results li")) == 20)
+
+    # remove the first session track
+    drv.find_element(By.CSS_SELECTOR, "#session li .remove").click()
+    _wait(drv, lambda d: _ids(d, "#session li") == [recs[0]])
+    _wait(drv, lambda d: _ids(d, "#recs li") == expected([recs[0]]))
+
+    # listener view: L0 played g00-g02 and then g03, which the model ranks in its top 10
+    drv.find_element(By.ID, "tab-listener").click()
+    _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#listeners li")) == 8)
+    drv.find_element(By.CSS_SELECTOR, '#listeners li[data-listener-id="L0"]').click()
+    _wait(drv, lambda d: _ids(d, "#listener-recs li.hit") == ["g03"])
+    assert _ids(drv, "#listener-history li") == ["g00", "g01", "g02"]
+    rank = ref.recommend(["g00", "g01", "g02"], k=10).ids.index("g03") + 1
+    assert f"rank {rank}" in drv.find_element(By.ID, "listener-target").text
+    # M0 played a track of another cluster next
+    drv.find_element(By.CSS_SELECTOR, '#listeners li[data-listener-id="M0"]').click()
+    _wait(
+        drv,
+        lambda d: (
+            _ids(d, "#listener-history li") == ["g00", "g01", "g02"]
+            and "Golden track 11" in d.find_element(By.ID, "listener-target").text
+        ),
+    )
+    m0 = ref.recommend(["g00", "g01", "g02"], k=10, context={"hour": 7, "context_type": "radio"})
+    if "g11" in m0.ids:
+        assert _ids(drv, "#listener-recs li.hit") == ["g11"]
+    else:
+        assert "not in the top 10" in drv.find_element(By.ID, "listener-target").text
+        assert _ids(drv, "#listener-recs li.hit") == []
+
+
+def test_review_panel_rate_and_report(driver, base_url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    drv = driver
+    drv.get(base_url + "/review")
+    _wait(drv, lambda d: len(_ids(d, "#list-A li")) == 5 and len(_ids(d, "#list-B li")) == 5)
+    # rating before giving a name is refused with a message
+    drv.find_element(By.CSS_SELECTOR, "#list-A li .rate-wtf").click()
+    _wait(drv, lambda d: d.find_element(By.ID, "review-msg").is_displayed())
+    name = drv.find_element(By.ID, "reviewer")
+    name.send_keys("ann")
+    drv.find_element(By.ID, "progress").click()  # blur: fires "change", the page reloads
+    _wait(drv, lambda d: _rendered(d).startswith("ann|"))
+    assert not drv.find_element(By.ID, "review-msg").is_displayed()
+
+    a_items = drv.find_elements(By.CSS_SELECTOR, "#list-A li")
+    b_items = drv.find_elements(By.CSS_SELECTOR, "#list-B li")
+    a_items[0].find_element(By.CSS_SELECTOR, ".rate-wtf").click()
+    _wait(
+        drv,
+        lambda d: (
+            "on" in a_items[0].find_element(By.CSS_SELECTOR, ".rate-wtf").get_attribute("class")
+        ),
+    )
+    for li in b_items[:3]:
+        li.find_element(By.CSS_SELECTOR, ".rate-good").click()
+    a_items[1].find_element(By.CSS_SELECTOR, ".rate-okay").click()
+    _wait(drv, lambda d: "(5/10 rated)" in d.find_element(By.ID, "item-select").text)
+
+    drv.find_element(By.CSS_SELECTOR, "#report-box summary").click()
+    _wait(drv, lambda d: "5 ratings by 1 reviewer" in d.find_element(By.ID, "report").text)
+    _wait(drv, lambda d: _report_wtf(d) == ["0", "1"])
+
+    # re-rating replaces (count stays 5); a new rating moves the report
+    a_items[0].find_element(By.CSS_SELECTOR, ".rate-good").click()
+    _wait(
+        drv,
+        lambda d: (
+            "on" in a_items[0].find_element(By.CSS_SELECTOR, ".rate-good").get_attribute("class")
+        ),
+    )
+    _wait(drv, lambda d: _report_wtf(d) == ["0", "0"])
+    assert "5 ratings" in drv.find_element(By.ID, "report").text
+    b_items[3].find_element(By.CSS_SELECTOR, ".rate-wtf").click()
+    _wait(drv, lambda d: "6 ratings" in d.find_element(By.ID, "report").text)
+    _wait(drv, lambda d: "paired" in d.find_element(By.ID, "report").get_attribute("innerHTML"))
+
+    # next listener, then back: the ratings are still shown
+    first = _rendered(drv)
+    drv.find_element(By.ID, "next").click()
+    _wait(drv, lambda d: _rendered(d) not in ("", first))
+    assert drv.find_element(By.ID, "item-select").get_attribute("value") == "1"
+    assert not drv.find_elements(By.CSS_SELECTOR, ".rate.on")
+    drv.find_element(By.ID, "prev").click()
+    _wait(drv, lambda d: _rendered(d) == first)
+    assert len(drv.find_elements(By.CSS_SELECTOR, ".rate.on")) == 6
+
+
+@pytest.mark.skipif(not SCREENSHOTS, reason="set TWOTOWER_SCREENSHOTS=1 to write docs/*.png")
+def test_screenshots(driver, real: dict, tmp_path: Path) -> None:
+    """Write docs/demo.png and docs/review.png.
+
+    ``TWOTOWER_SCREENSHOT_ARTIFACTS=DIR_A,DIR_B`` shows real exports instead of the planted pair.
+    """
+    from selenium.webdriver.common.by import By
+
+    dirs = [d for d in SHOT_ARTIFACTS.split(",") if d] or [real["a"], real["b"]]
+    compare = dirs[1] if len(dirs) > 1 else dirs[0]
+    app = create_app(dirs[0], compare, tmp_path / "reviews.sqlite", review_k=8)
+    holdout = app.state.model.holdout
+    drv = driver
+    drv.set_window_size(1360, 900)
+    with _serve(app) as url:
+        # demo: start from a held-out listener's last track, then follow two recommendations
+        seed_track = holdout.histories[0][-1] if holdout else app.state.model.catalogue.ids[0]
+        title = app.state.model.catalogue.track(seed_track).title or seed_track
+        drv.get(url + "/")
+        drv.find_element(By.ID, "search").send_keys(title[:24])
+        _wait(drv, lambda d: _ids(d, f'#search-results li[data-track-id="{seed_track}"]'))
+        drv.find_element(
+            By.CSS_SELECTOR, f'#search-results li[data-track-id="{seed_track}"]'
+        ).click()
+        for n in (2, 3):
+            _wait(drv, lambda d: len(_ids(d, "#recs li")) == 10)
+            drv.find_elements(By.CSS_SELECTOR, "#recs li")[1].click()
+            _wait(drv, lambda d, n=n: len(_ids(d, "#session li")) == n)
+        _wait(drv, lambda d: len(_ids(d, "#recs li")) == 10)
+        drv.find_element(By.ID, "search").clear()
+        drv.find_element(By.ID, "search").send_keys(title.split()[0][:12])
+        _wait(drv, lambda d: len(_ids(d, "#search-results li")) > 0)
+        time.sleep(0.3)
+        _shot(drv, "demo.png")
+
+        drv.set_window_size(1360, 1120)
+        drv.get(url + "/review")
+        name = drv.find_element(By.ID, "reviewer")
+        name.clear()
+        name.send_keys("demo")
+        drv.find_element(By.ID, "progress").click()
+        _wait(drv, lambda d: _rendered(d).startswith("demo|"))
+        marks = ["good", "good", "okay", "wtf", "good", "okay"]
+        for lst, offset in (("A", 0), ("B", 2)):
+            items = drv.find_elements(By.CSS_SELECTOR, f"#list-{lst} li")
+            for li, mark in zip(items, marks[offset:] + marks[:offset], strict=False):
+                li.find_element(By.CSS_SELECTOR, f".rate-{mark}").click()
+        _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".rate.on")) == 12)
+        drv.find_element(By.CSS_SELECTOR, "#report-box summary").click()
+        _wait(drv, lambda d: "12 ratings" in d.find_element(By.ID, "report").text)
+        drv.execute_script("window.scrollTo(0, 0)")
+        _shot(drv, "review.png")

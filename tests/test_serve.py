@@ -1,0 +1,703 @@
+"""HTTP service: endpoints, validation, limits, metrics, listeners, review routes.
+
+Most tests run against a fake retriever with a planted rule ("the next track is the one after
+the last known track"), so exact answers can be asserted; ``test_real_artifact_*`` serve a real
+tiny export and check the service answers what ``Retriever`` answers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from twotower.serve.app import create_app  # noqa: E402
+from twotower.serve.catalogue import Catalogue  # noqa: E402
+from twotower.serve.metrics import Metrics  # noqa: E402
+
+N_TRACKS = 30
+
+
+def _title(i: int) -> str:
+    return "Blue Monday" if i == 7 else f"Song {i}"
+
+
+def _artist(i: int) -> str:
+    return "New Order" if i == 12 else f"Artist {i % 5}"
+
+
+@dataclass
+class FakeRec:
+    ids: list[str]
+    titles: list[str]
+    artists: list[str]
+    scores: list[float]
+    unknown: list[str] = field(default_factory=list)
+
+
+class FakeRetriever:
+    """Scores track j by closeness to ``last + step`` (step +1 for "base", -1 for "other")."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.ids = [f"t{i}" for i in range(N_TRACKS)]
+        self.calls: list[dict] = []
+
+    def _rank(self, centre: int, k: int, skip: set[str]) -> FakeRec:
+        order = sorted(range(N_TRACKS), key=lambda j: (abs(j - centre), j))
+        picked = [j for j in order if self.ids[j] not in skip][:k]
+        return FakeRec(
+            ids=[self.ids[j] for j in picked],
+            titles=[_title(j) for j in picked],
+            artists=[_artist(j) for j in picked],
+            scores=[1.0 - abs(j - centre) / N_TRACKS for j in picked],
+        )
+
+    def recommend(self, history, k=10, exclude=None, context=None) -> FakeRec:
+        self.calls.append(
+            {"history": list(history), "k": k, "exclude": exclude, "context": context}
+        )
+        known = [h for h in history if h in self.ids]
+        unknown = [h for h in history if h not in self.ids]
+        if not known:
+            raise ValueError("no known track in history")
+        skip = set(known) if exclude == "history" else set(exclude or [])
+        rec = self._rank(self.ids.index(known[-1]) + self.step, k, skip)
+        rec.unknown = unknown
+        return rec
+
+    def similar_tracks(self, track_id, k=10) -> FakeRec:
+        return self._rank(self.ids.index(track_id), k, {track_id})
+
+
+def write_fake_artifact(path: Path, step: int, holdout: bool = True) -> Path:
+    path.mkdir(parents=True)
+    manifest = {
+        "format_version": 1,
+        "created": "2024-01-02T03:04:05Z",
+        "package_version": "0.1.0",
+        "dim": 8,
+        "index": {"factory": "Flat", "search_params": {}, "metric": "ip"},
+        "fake_step": step,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    items = pd.DataFrame(
+        {
+            "track_id": [f"t{i}" for i in range(N_TRACKS)],
+            "title": [_title(i) for i in range(N_TRACKS)],
+            "artist": [_artist(i) for i in range(N_TRACKS)],
+        }
+    )
+    items.to_parquet(path / "items.parquet")
+    if holdout:
+        pd.DataFrame(
+            {
+                "query_id": [f"u{i}" for i in range(6)],
+                "history": [[f"t{i}", f"t{i + 1}", f"t{i + 2}"] for i in range(6)],
+                # u0..u2 really played the next track (a hit for "base"), u3..u5 something else
+                "target": [f"t{i + 3}" if i < 3 else "t29" for i in range(6)],
+                "hour": [8, -1, 12, 13, 14, 15],
+            }
+        ).to_parquet(path / "holdout.parquet")
+    return path
+
+
+def fake_loader(path: Path) -> FakeRetriever:
+    return FakeRetriever(json.loads((path / "manifest.json").read_text())["fake_step"])
+
+
+@pytest.fixture
+def art(tmp_path: Path) -> Path:
+    return write_fake_artifact(tmp_path / "base", step=1)
+
+
+@pytest.fixture
+def client(art: Path) -> TestClient:
+    return TestClient(create_app(art, loader=fake_loader))
+
+
+@pytest.fixture
+def review_client(tmp_path: Path, art: Path) -> TestClient:
+    other = write_fake_artifact(tmp_path / "other", step=-1, holdout=False)
+    app = create_app(art, other, tmp_path / "reviews.sqlite", loader=fake_loader, review_k=4)
+    return TestClient(app)
+
+
+# -- recommend ---------------------------------------------------------------------------------
+
+
+def test_recommend_follows_planted_rule(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": ["t3", "t4"], "k": 3, "exclude_history": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # next after t4 is t5; then t6 (t4 and t3 excluded as history)
+    assert [t["track_id"] for t in body["items"]] == ["t5", "t6", "t7"]
+    assert body["items"][2]["title"] == "Blue Monday"
+    assert body["items"][0]["score"] == pytest.approx(1.0)
+    assert body["unknown"] == []
+
+
+def test_recommend_passes_context_and_exclusion(client: TestClient) -> None:
+    r = client.post(
+        "/recommend",
+        json={"history": ["t3", "t4"], "k": 2, "context": {"hour": 9}, "exclude_history": False},
+    )
+    assert r.status_code == 200
+    assert [t["track_id"] for t in r.json()["items"]] == ["t5", "t4"]  # t4 allowed back
+    call = client.app.state.model.retriever.calls[-1]
+    assert call["context"] == {"hour": 9} and call["exclude"] is None
+
+
+def test_recommend_exclusion_defaults_to_the_artifacts_choice(tmp_path: Path) -> None:
+    for filter_seen, expected in ((False, ["t5", "t4"]), (True, ["t5", "t6"])):
+        art = write_fake_artifact(tmp_path / str(filter_seen), step=1)
+        manifest = json.loads((art / "manifest.json").read_text())
+        manifest["data"] = {"filter_seen": filter_seen}
+        (art / "manifest.json").write_text(json.dumps(manifest))
+        c = TestClient(create_app(art, loader=fake_loader))
+        r = c.post("/recommend", json={"history": ["t3", "t4"], "k": 2})
+        assert [t["track_id"] for t in r.json()["items"]] == expected
+        assert c.get("/listeners/u0").json()["history_excluded"] is filter_seen
+
+
+def test_recommend_partially_unknown_is_reported(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": ["nope", "t10", "zzz"], "k": 1})
+    assert r.status_code == 200
+    assert r.json()["unknown"] == ["nope", "zzz"]
+    assert r.json()["items"][0]["track_id"] == "t11"
+
+
+def test_recommend_all_unknown_is_422_naming_them(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": ["nope", "zzz", "nope"], "k": 5})
+    assert r.status_code == 422
+    assert r.json()["detail"]["unknown"] == ["nope", "zzz"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"history": ["t1"], "k": 0},
+        {"history": ["t1"], "k": 201},
+        {"history": ["t1"] * 501, "k": 5},
+        {"history": ["t1"], "k": 5, "context": {"hour": 24}},
+        {"history": ["t1"], "k": 5, "surprise": 1},
+        {"history": [""], "k": 5},
+        {"k": 5},
+    ],
+)
+def test_recommend_validation(client: TestClient, body: dict) -> None:
+    assert client.post("/recommend", json=body).status_code == 422
+
+
+def test_limits_at_the_edge_are_accepted(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": ["t1"] * 500, "k": 200})
+    assert r.status_code == 200
+    ids = [t["track_id"] for t in r.json()["items"]]
+    assert len(ids) == N_TRACKS and ids[:3] == ["t2", "t1", "t3"]
+
+
+def test_body_too_large_is_413(client: TestClient) -> None:
+    big = json.dumps({"history": ["x" * 200] * 400, "k": 5})  # ~ 82 KB
+    r = client.post("/recommend", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+    def chunks():  # no Content-Length: the limit must hold for streamed bodies too
+        for _ in range(100):
+            yield b" " * 1024
+
+    r = client.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    r = client.post(
+        "/recommend", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 422
+
+
+# -- similar, search, health, docs -------------------------------------------------------------
+
+
+def test_similar(client: TestClient) -> None:
+    r = client.get("/similar/t10", params={"k": 2})
+    assert r.status_code == 200
+    assert [t["track_id"] for t in r.json()["items"]] == ["t9", "t11"]
+    r = client.get("/similar/nope")
+    assert r.status_code == 404 and "nope" in r.json()["detail"]
+    assert client.get("/similar/t1", params={"k": 0}).status_code == 422
+
+
+def test_search_ranks_exact_id_then_title_prefix() -> None:
+    cat = Catalogue(
+        pd.DataFrame(
+            {
+                "track_id": ["a1", "blue", "b2", "c3"],
+                "title": ["Into the Blue", "x", "Blue Monday", None],
+                "artist": ["Moby", "y", "New Order", "BLUES band"],
+            }
+        )
+    )
+    assert [t.track_id for t in cat.search("BLUE", 10)] == ["blue", "b2", "a1", "c3"]
+    assert [t.track_id for t in cat.search("blue", 2)] == ["blue", "b2"]
+    assert cat.search("   ", 10) == [] and cat.search("zzz", 10) == []
+    assert cat.track("c3").title == "" and cat.track("missing").artist == ""
+
+
+def test_search_endpoint(client: TestClient) -> None:
+    r = client.get("/tracks/search", params={"q": "new order"})
+    assert [t["track_id"] for t in r.json()] == ["t12"]
+    r = client.get("/tracks/search", params={"q": "song 1", "limit": 3})
+    assert [t["track_id"] for t in r.json()] == ["t1", "t10", "t11"]
+    assert client.get("/tracks/search", params={"q": ""}).status_code == 422
+    assert client.get("/tracks/search", params={"q": "a", "limit": 51}).status_code == 422
+    assert client.get("/tracks/search", params={"q": "x" * 101}).status_code == 422
+
+
+def test_healthz(client: TestClient) -> None:
+    h = client.get("/healthz").json()
+    assert h["status"] == "ok"
+    assert h["format_version"] == 1 and h["catalogue_size"] == N_TRACKS
+    assert h["index"]["factory"] == "Flat" and h["created"].startswith("2024-01-02")
+    assert h["heldout_listeners"] == 6
+
+
+def test_openapi_offline_docs_and_security_headers(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {"/recommend", "/similar/{track_id}", "/tracks/search", "/healthz", "/metrics"} <= set(
+        spec["paths"]
+    )
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/recommend" in docs.text
+    assert "cdn" not in docs.text.lower() and "http" not in docs.text.replace("/openapi", "")
+    assert client.get("/redoc").status_code == 404
+    assert "default-src 'self'" in docs.headers["content-security-policy"]
+
+
+def test_pages_are_offline(client: TestClient) -> None:
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        r = client.get(path)
+        assert r.status_code == 200, path
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", r.text), f"{path} links out"
+    assert "search" in client.get("/").text
+    # review page without --compare explains how to enable it
+    r = client.get("/review")
+    assert r.status_code == 404 and "--compare" in r.text
+    assert client.get("/review/items").status_code == 404
+
+
+def test_no_endpoint_reads_a_path(client: TestClient) -> None:
+    assert client.get("/static/../manifest.json").status_code == 404
+    assert client.get("/static/%2e%2e/app.py").status_code == 404
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name + "{"):
+            continue
+        body = line[len(name) + 1 : line.rindex("}")]
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', body))
+        if got == labels:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not in metrics")
+
+
+def test_metrics_exposition(client: TestClient) -> None:
+    for _ in range(3):
+        client.post("/recommend", json={"history": ["t1"], "k": 2})
+    client.post("/recommend", json={"history": ["t1"], "k": 0})
+    client.get("/similar/t3")
+    client.get("/similar/t4")
+    client.get("/no/such/route")
+    text = client.get("/metrics").text
+    base = "twotower_http_requests_total"
+    assert _metric(text, base, route="/recommend", method="POST", status="200") == 3
+    assert _metric(text, base, route="/recommend", method="POST", status="422") == 1
+    # the route template, not the raw path: bounded label cardinality
+    assert _metric(text, base, route="/similar/{track_id}", method="GET", status="200") == 2
+    assert _metric(text, base, route="<unmatched>", method="GET", status="404") == 1
+    hist = "twotower_http_request_duration_seconds"
+    assert _metric(text, hist + "_count", route="/recommend", method="POST") == 4
+    inf = _metric(text, hist + "_bucket", route="/recommend", method="POST", le="+Inf")
+    assert inf == 4
+    buckets = [
+        _metric(text, hist + "_bucket", route="/recommend", method="POST", le=f"{le:g}")
+        for le in Metrics.BUCKETS
+    ]
+    assert buckets == sorted(buckets) and buckets[-1] <= inf  # cumulative
+    assert "# TYPE twotower_http_request_duration_seconds histogram" in text
+    assert re.search(r"^twotower_catalogue_size 30$", text, re.M)
+
+
+def test_metrics_label_escaping() -> None:
+    m = Metrics()
+    m.observe('a"b\\c\nd', "GET", 200, 0.002)
+    text = m.render()
+    assert 'route="a\\"b\\\\c\\nd"' in text
+    assert (
+        _metric(
+            text,
+            "twotower_http_request_duration_seconds_bucket",
+            route='a\\"b\\\\c\\nd',
+            method="GET",
+            le="0.001",
+        )
+        == 0
+    )
+    assert (
+        _metric(
+            text,
+            "twotower_http_request_duration_seconds_bucket",
+            route='a\\"b\\\\c\\nd',
+            method="GET",
+            le="0.0025",
+        )
+        == 1
+    )
+
+
+# -- listeners ---------------------------------------------------------------------------------
+
+
+def test_listeners(client: TestClient) -> None:
+    body = client.get("/listeners", params={"limit": 2, "offset": 1}).json()
+    assert body["total"] == 6
+    assert [x["id"] for x in body["listeners"]] == ["u1", "u2"]
+    assert body["listeners"][0]["target"]["track_id"] == "t4"
+    hit = client.get("/listeners/u0", params={"k": 3}).json()
+    assert [t["track_id"] for t in hit["history"]] == ["t0", "t1", "t2"]
+    assert hit["target"]["track_id"] == "t3" and hit["target_rank"] == 0
+    assert hit["context"] == {"hour": 8}
+    miss = client.get("/listeners/u4").json()
+    assert miss["target"]["track_id"] == "t29" and miss["target_rank"] is None
+    assert client.get("/listeners/u1").json()["context"] is None  # hour -1 = unknown
+    assert client.get("/listeners/nobody").status_code == 404
+
+
+def test_listeners_duplicate_ids_and_user_context(tmp_path: Path) -> None:
+    art = write_fake_artifact(tmp_path / "a", step=1, holdout=False)
+    pd.DataFrame(
+        {"query_id": ["x", "x", "y"], "history": [["t1"], ["t2"], ["t3"]], "target": ["t2"] * 3}
+    ).to_parquet(art / "holdout.parquet")
+
+    class UserModel(FakeRetriever):
+        config = {"num_users": 5}  # a model with listener embeddings gets the listener id
+
+    app = create_app(art, loader=lambda p: UserModel(1))
+    c = TestClient(app)
+    assert [x["id"] for x in c.get("/listeners").json()["listeners"]] == ["x", "x#2", "y"]
+    body = c.get("/listeners/x%232").json()
+    assert [t["track_id"] for t in body["history"]] == ["t2"]
+    assert app.state.model.retriever.calls[-1]["context"] == {"user": "x"}
+
+
+def test_listeners_absent_degrades(tmp_path: Path) -> None:
+    art = write_fake_artifact(tmp_path / "a", step=1, holdout=False)
+    c = TestClient(create_app(art, loader=fake_loader))
+    body = c.get("/listeners").json()
+    assert body["total"] == 0 and "no held-out listeners" in body["message"]
+    r = c.get("/listeners/u0")
+    assert r.status_code == 404 and "no held-out listeners" in r.json()["detail"]
+
+
+def test_missing_artifact_folder(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="artifact folder not found"):
+        create_app(tmp_path / "nope", loader=fake_loader)
+
+
+# -- review routes -----------------------------------------------------------------------------
+
+
+def test_review_needs_reviews_file_and_holdout(tmp_path: Path, art: Path) -> None:
+    other = write_fake_artifact(tmp_path / "o", step=-1, holdout=False)
+    with pytest.raises(ValueError, match="--reviews"):
+        create_app(art, other, None, loader=fake_loader)
+    bare = write_fake_artifact(tmp_path / "b", step=1, holdout=False)
+    with pytest.raises(ValueError, match="held-out"):
+        create_app(bare, other, tmp_path / "r.sqlite", loader=fake_loader)
+
+
+def test_review_lists_are_blind_and_stable(review_client: TestClient) -> None:
+    items = review_client.get("/review/items").json()
+    assert items["k"] == 4 and len(items["items"]) == 6
+    sides = set()
+    for it in items["items"]:
+        body = review_client.get(f"/review/items/{it['id']}").json()
+        assert set(body["lists"]) == {"A", "B"}
+        assert "model" not in json.dumps(body["lists"]) and "score" not in json.dumps(body)
+        hist_last = int(body["history"][-1]["track_id"][1:])
+        a0 = int(body["lists"]["A"][0]["track_id"][1:])
+        sides.add("base" if a0 == hist_last + 1 else "other")
+        again = review_client.get(f"/review/items/{it['id']}").json()
+        assert again["lists"] == body["lists"]  # the hidden assignment is stored, not redrawn
+    assert sides == {"base", "other"}  # both orders occur across six items (seeded draw)
+
+
+def test_review_rate_upserts_and_report(review_client: TestClient) -> None:
+    item = review_client.get("/review/items").json()["items"][0]["id"]
+    lists = review_client.get(f"/review/items/{item}").json()["lists"]
+    for pos in range(4):
+        r = review_client.post(
+            "/review/rate",
+            json={"reviewer": " ann ", "item": item, "list": "A", "position": pos, "rating": "wtf"},
+        )
+        assert r.status_code == 200, r.text
+        review_client.post(
+            "/review/rate",
+            json={"reviewer": "ann", "item": item, "list": "B", "position": pos, "rating": "good"},
+        )
+    # re-rating replaces
+    review_client.post(
+        "/review/rate",
+        json={"reviewer": "ann", "item": item, "list": "A", "position": 0, "rating": "okay"},
+    )
+    body = review_client.get(f"/review/items/{item}", params={"reviewer": "ann"}).json()
+    assert body["ratings"]["A:0"] == "okay" and body["ratings"]["A:1"] == "wtf"
+    assert (
+        review_client.get("/review/items", params={"reviewer": "ann"}).json()["items"][0]["rated"]
+        == 8
+    )
+    report = review_client.get("/review/report").json()
+    assert report["ratings"] == 8 and report["reviewers"] == 1
+    by_model = {m["model"]: m for m in report["models"]}
+    assert sorted(m["wtf"] for m in by_model.values()) == [0, 3]
+    (diff,) = report["paired"]
+    assert diff["units"] == 1 and abs(diff["mean_diff"]) == pytest.approx(0.75)
+    # the stored track is the one shown at that position
+    store = review_client.app.state.panel.store
+    row = [r for r in store.ratings() if r.list == "B" and r.position == 2][0]
+    assert row.track_id == lists["B"][2]["track_id"]
+    csv_text = review_client.get("/review/report.csv").text
+    assert csv_text.splitlines()[0].startswith("kind,model,versus")
+    assert len(review_client.get("/review/ratings.csv").text.splitlines()) == 9
+
+
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ({"reviewer": "", "item": "u0", "list": "A", "position": 0, "rating": "wtf"}, 422),
+        ({"reviewer": "a", "item": "u0", "list": "C", "position": 0, "rating": "wtf"}, 422),
+        ({"reviewer": "a", "item": "u0", "list": "A", "position": 0, "rating": "meh"}, 422),
+        ({"reviewer": "a", "item": "u0", "list": "A", "position": 4, "rating": "wtf"}, 422),
+        ({"reviewer": "a", "item": "nobody", "list": "A", "position": 0, "rating": "wtf"}, 404),
+    ],
+)
+def test_review_rate_validation(review_client: TestClient, body: dict, status: int) -> None:
+    assert review_client.post("/review/rate", json=body).status_code == status
+    assert review_client.get("/review/report").json()["ratings"] == 0
+
+
+# -- a real artifact (twotower.export.write_artifact + Retriever) --------------------------------
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def _make_golden():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build_real_artifacts(root: Path) -> dict:
+    """Two real exports of planted models (4 clusters x 6 tracks) with held-out listeners.
+
+    Listener ``L{c}`` played three tracks of cluster ``c`` and then a fourth one (a planted
+    hit); ``M{c}`` played the same three and then a track of another cluster.
+    """
+    from twotower.export import write_artifact
+
+    mg = _make_golden()
+    out: dict = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        parts = mg.planted_parts(seed=seed)
+        cluster = parts.pop("cluster")
+        ids = parts["vocab"]["tracks"]
+        records = []
+        for c in range(4):
+            hist = [ids[6 * c + i] for i in range(3)]
+            records.append(
+                {
+                    "query_id": f"L{c}",
+                    "history": hist,
+                    "target": ids[6 * c + 3],
+                    "hour": -1,
+                    "context_type": None,
+                }
+            )
+            records.append(
+                {
+                    "query_id": f"M{c}",
+                    "history": hist,
+                    "target": ids[6 * ((c + 1) % 4) + 5],
+                    "hour": 7,
+                    "context_type": "radio",
+                }
+            )
+        holdout = pd.DataFrame(records)
+        path = write_artifact(root / name, index="Flat", holdout=holdout, **parts)
+        out[name] = path
+        out[f"{name}_vectors"] = parts["item_emb"]
+        out["cluster"] = {t: int(c) for t, c in zip(ids, cluster, strict=True)}
+    return out
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_real_artifacts(tmp_path_factory.mktemp("real"))
+
+
+@pytest.fixture
+def real_client(real: dict) -> TestClient:
+    return TestClient(create_app(real["a"]))
+
+
+def _numpy_top(vectors, history_rows: list[int], k: int, exclude: list[int]) -> list[str]:
+    import numpy as np
+
+    q = vectors[history_rows].mean(0)
+    q = q / np.linalg.norm(q)
+    scores = vectors @ q
+    scores[exclude] = -np.inf
+    return [f"g{r:02d}" for r in np.argsort(-scores, kind="stable")[:k]]
+
+
+def test_real_artifact_recommend(real: dict, real_client: TestClient) -> None:
+    from twotower.retrieve import Retriever
+
+    body = {"history": ["g00", "g01"], "k": 5, "exclude_history": True}
+    r = real_client.post("/recommend", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    ids = [t["track_id"] for t in got["items"]]
+    # an answer computed independently with numpy, and the planted structure
+    assert ids == _numpy_top(real["a_vectors"], [0, 1], 5, exclude=[0, 1])
+    assert {real["cluster"][t] for t in ids[:4]} == {0}
+    assert got["items"][0]["artist"] == "Artist A"
+    assert got["items"][0]["title"] == f"Golden track {int(ids[0][1:])}"
+    ref = Retriever.load(real["a"]).recommend(["g00", "g01"], k=5, exclude="history")
+    assert ids == ref.ids
+    assert [t["score"] for t in got["items"]] == pytest.approx(ref.scores, abs=1e-6)
+    # unknown ids are reported, the known ones still steer the query
+    r = real_client.post("/recommend", json={"history": ["nope", "g06"], "k": 3})
+    assert r.json()["unknown"] == ["nope"]
+    assert {real["cluster"][t["track_id"]] for t in r.json()["items"]} == {1}
+    r = real_client.post("/recommend", json={"history": ["nope"], "k": 3})
+    assert r.status_code == 422 and r.json()["detail"]["unknown"] == ["nope"]
+    # context the model does not use is accepted and noted, not silently dropped
+    r = real_client.post("/recommend", json={"history": ["g06"], "k": 3, "context": {"hour": 3}})
+    assert r.status_code == 200 and "hour" in " ".join(r.json()["notes"])
+
+
+def test_real_artifact_similar_search_health(real: dict, real_client: TestClient) -> None:
+    r = real_client.get("/similar/g06", params={"k": 3})
+    ids = [t["track_id"] for t in r.json()["items"]]
+    assert ids == _numpy_top(real["a_vectors"], [6], 3, exclude=[6])
+    assert {real["cluster"][t] for t in ids} == {1}
+    assert real_client.get("/similar/nope").status_code == 404
+    found = real_client.get("/tracks/search", params={"q": "artist b", "limit": 50}).json()
+    assert sorted(t["track_id"] for t in found) == [f"g{i:02d}" for i in range(6, 12)]
+    h = real_client.get("/healthz").json()
+    assert h["format_version"] == "1.0" and h["catalogue_size"] == 24
+    assert h["index"]["factory"] == "Flat" and h["index"]["ann_recall"] == 1.0
+    assert h["created"] and h["heldout_listeners"] == 8
+
+
+def test_real_artifact_listeners(real: dict, real_client: TestClient) -> None:
+    from twotower.retrieve import Retriever
+
+    ref = Retriever.load(real["a"])
+    body = real_client.get("/listeners").json()
+    assert body["total"] == 8 and body["listeners"][0]["id"] == "L0"
+    for c in range(4):
+        hit = real_client.get(f"/listeners/L{c}").json()
+        rec = ref.recommend([t["track_id"] for t in hit["history"]], k=10)
+        assert [t["track_id"] for t in hit["recommendations"]] == rec.ids
+        assert hit["target"]["track_id"] in rec.ids  # the planted hit
+        assert hit["target_rank"] == rec.ids.index(hit["target"]["track_id"])
+        miss = real_client.get(f"/listeners/M{c}").json()
+        assert miss["context"] == {"hour": 7, "context_type": "radio"}
+        rank = miss["target_rank"]
+        assert rank is None or miss["recommendations"][rank] == miss["target"]
+
+
+def test_real_artifact_review_pair(real: dict, tmp_path: Path) -> None:
+    from twotower.retrieve import Retriever
+
+    app = create_app(real["a"], real["b"], tmp_path / "r.sqlite", review_k=5, review_sample=8)
+    c = TestClient(app)
+    panel = app.state.panel
+    refs = {m.label: Retriever.load(m.path) for m in panel.models}
+    shown_a = set()
+    for it in c.get("/review/items").json()["items"]:
+        body = c.get(f"/review/items/{it['id']}").json()
+        side = panel.assignment(it["id"])
+        shown_a.add(side["A"])
+        hist = [t["track_id"] for t in body["history"]]
+        for name in ("A", "B"):
+            want = refs[side[name]].recommend(hist, k=5, exclude="history").ids
+            assert [t["track_id"] for t in body["lists"][name]] == want
+        c.post(
+            "/review/rate",
+            json={"reviewer": "r", "item": it["id"], "list": "A", "position": 0, "rating": "wtf"},
+        )
+    assert shown_a == {m.label for m in panel.models}  # both models appear as "A"
+    rows = panel.store.ratings()
+    assert len(rows) == 8
+    assert all(r.model == panel.assignment(r.item)["A"] for r in rows)
+    report = c.get("/review/report").json()
+    assert sum(m["wtf"] for m in report["models"]) == 8
+
+
+def test_real_artifact_corrupt_is_refused(real: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from twotower.export import ArtifactError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(real["a"], bad)
+    data = bytearray((bad / "items.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bad / "items.parquet").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="items.parquet"):
+        create_app(bad)
+
+
+def test_review_concurrent_http_ratings(tmp_path: Path, art: Path) -> None:
+    import threading
+
+    other = write_fake_artifact(tmp_path / "other", step=-1, holdout=False)
+    app = create_app(art, other, tmp_path / "r.sqlite", loader=fake_loader, review_k=4)
+    items = [it["id"] for it in TestClient(app).get("/review/items").json()["items"]]
+    codes: list[int] = []
+
+    def reviewer(name: str) -> None:
+        c = TestClient(app)
+        for item in items:
+            for lst in ("A", "B"):
+                for pos in range(4):
+                    for rating in ("okay", "wtf"):  # the second replaces the first
+                        body = {"reviewer": name, "item": item, "list": lst, "position": pos,
+                                "rating": rating}  # fmt: skip
+                        codes.append(c.post("/review/rate", json=body).status_code)
+
+    threads = [threading.Thread(target=reviewer, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) == {200} and len(codes) == 4 * len(items) * 16
+    rows = app.state.panel.store.ratings()
+    assert len(rows) == 4 * len(items) * 8 and {r.rating for r in rows} == {"wtf"}

@@ -1,0 +1,526 @@
+"""HTTP service: recommendations, similar tracks, search, listeners, metrics, review panel.
+
+``create_app`` builds the FastAPI application from an artifact folder (and optionally a second
+one for the side-by-side review panel); ``serve_main`` runs it with uvicorn for ``twotower
+serve``. No endpoint takes a file path from the request: every file is fixed at start-up.
+
+Unknown track ids in a history: when at least one id is known, the answer is 200 and lists the
+unknown ones in ``unknown``; when every id is unknown the answer is 422 and names them all. An
+empty history is allowed and gets the model's default list.
+
+Tracks of the history are left out of the answer when the request says ``exclude_history``;
+without it the artifact decides (``filter_seen`` of the run's data config, as in evaluation),
+which is also what the listener view uses, so its hits match the evaluation protocol. The demo
+page and the review panel always leave the history out.
+
+FastAPI's Swagger UI loads from a CDN, so ``/docs`` is a small offline page rendered from
+``/openapi.json`` instead. ``/review/report`` reveals which model is which: share it after
+reviewing, not with reviewers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import random
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from twotower.serve.catalogue import (
+    HOLDOUT_FILE,
+    Holdout,
+    LoadedModel,
+    RetrieverLike,
+    ScoredTrack,
+    Track,
+    load_model,
+)
+from twotower.serve.metrics import Metrics, ServiceMiddleware
+from twotower.serve.reviews import RATINGS, ReviewStore, build_report, ratings_csv
+
+STATIC = Path(__file__).parent / "static"
+MAX_K = 200
+MAX_HISTORY = 500
+MAX_BODY_BYTES = 64 * 1024
+MAX_SEARCH = 50
+
+
+TrackId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+# -- request / response models -------------------------------------------------------------------
+
+
+class Context(BaseModel):
+    """Optional listening context of the request."""
+
+    model_config = ConfigDict(extra="forbid")
+    hour: int | None = Field(None, ge=0, le=23, description="hour of day, 0-23")
+    context_type: str | None = Field(
+        None, max_length=64, description="e.g. radio, editorial_playlist"
+    )
+    user: str | None = Field(
+        None, max_length=256, description="listener id, for models with user embeddings"
+    )
+
+
+class RecommendRequest(BaseModel):
+    """Body of ``POST /recommend``."""
+
+    model_config = ConfigDict(extra="forbid")
+    history: list[TrackId] = Field(
+        ..., max_length=MAX_HISTORY, description="track ids, oldest first"
+    )
+    k: int = Field(10, ge=1, le=MAX_K)
+    context: Context | None = None
+    exclude_history: bool | None = Field(
+        None,
+        description="never recommend a track of the history; null: the artifact's choice "
+        "(its data config's filter_seen, as in evaluation)",
+    )
+
+
+class RecommendResponse(BaseModel):
+    """Answer of ``POST /recommend`` and ``GET /similar/{track_id}``."""
+
+    items: list[ScoredTrack]
+    unknown: list[str] = Field(default_factory=list, description="history ids not in vocabulary")
+    notes: list[str] = Field(
+        default_factory=list, description="inputs the model could not use (context, user)"
+    )
+
+
+class RateRequest(BaseModel):
+    """Body of ``POST /review/rate``."""
+
+    model_config = ConfigDict(extra="forbid")
+    reviewer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    item: TrackId
+    list: Literal["A", "B"]
+    position: int = Field(..., ge=0, le=MAX_K)
+    rating: Literal["good", "okay", "wtf"]
+
+
+# -- artifact side -------------------------------------------------------------------------------
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _field(rec: Any, name: str) -> Any:
+    if isinstance(rec, dict):
+        return rec.get(name)
+    return getattr(rec, name, None)
+
+
+def _as_response(rec: Any) -> RecommendResponse:
+    """Turn a Retriever result (object or mapping) into the response model."""
+    ids = list(_field(rec, "ids") or [])
+    titles = list(_field(rec, "titles") or [""] * len(ids))
+    artists = list(_field(rec, "artists") or [""] * len(ids))
+    scores = list(_field(rec, "scores") if _field(rec, "scores") is not None else [])
+    items = [
+        ScoredTrack(track_id=str(i), title=_s(t), artist=_s(a), score=float(s))
+        for i, t, a, s in zip(ids, titles, artists, scores, strict=True)
+    ]
+    return RecommendResponse(
+        items=items,
+        unknown=[str(u) for u in _field(rec, "unknown") or []],
+        notes=[str(n) for n in _field(rec, "notes") or []],
+    )
+
+
+def _s(x: Any) -> str:
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else str(x)
+
+
+# -- the application -----------------------------------------------------------------------------
+
+
+@dataclass
+class ReviewPanel:
+    """State of the side-by-side review: two models, a fixed sample, the store."""
+
+    models: tuple[LoadedModel, LoadedModel]
+    store: ReviewStore
+    items: list[str]
+    holdout: Holdout
+    k: int
+
+    def __post_init__(self) -> None:
+        self._lists: dict[tuple[str, str], list[ScoredTrack]] = {}
+        self._lock = threading.Lock()
+        self._by_label = {m.label: m for m in self.models}
+
+    def assignment(self, item: str) -> dict[str, str]:
+        """Hidden model label behind each list of an item."""
+        return self.store.assignment(item, self.models[0].label, self.models[1].label)
+
+    def recs(self, label: str, item: str) -> list[ScoredTrack]:
+        """The list model ``label`` shows for ``item`` (cached; retrievers are deterministic)."""
+        key = (label, item)
+        with self._lock:
+            if key in self._lists:
+                return self._lists[key]
+        row = self.holdout.get(item)
+        assert row is not None
+        model = self._by_label[label]
+        hist = self.holdout.histories[row][-MAX_HISTORY:]
+        ctx = self.holdout.contexts[row]
+        if model.holdout is self.holdout:
+            ctx = model.listener_context(row)
+        rec = _recommend(model, hist, self.k, True, ctx)
+        with self._lock:
+            self._lists[key] = rec.items
+        return rec.items
+
+
+def _recommend(
+    model: LoadedModel,
+    history: list[str],
+    k: int,
+    exclude_history: bool | None,
+    context: dict | None,
+) -> RecommendResponse:
+    known = [h for h in history if h in model.catalogue]
+    if history and not known:
+        raise HTTPException(
+            422,
+            detail={
+                "message": "none of the history's track ids is in this model's vocabulary",
+                "unknown": list(dict.fromkeys(history)),
+            },
+        )
+    try:
+        if exclude_history is None:
+            exclude_history = model.filter_seen
+        rec = model.retriever.recommend(
+            history, k=k, exclude="history" if exclude_history else None, context=context
+        )
+    except (KeyError, ValueError) as e:
+        raise HTTPException(422, detail=str(e)) from e
+    return _as_response(rec)
+
+
+def create_app(
+    artifacts: str | Path,
+    compare: str | Path | None = None,
+    reviews: str | Path | None = None,
+    *,
+    review_sample: int = 50,
+    review_k: int = 10,
+    seed: int = 0,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    loader: Callable[[Path], RetrieverLike] | None = None,
+) -> FastAPI:
+    """Build the service.
+
+    Args:
+        artifacts: Artifact folder of the model to serve.
+        compare: Second artifact folder; enables the review panel at ``/review``.
+        reviews: SQLite file of review ratings (required with ``compare``).
+        review_sample: Held-out listeners offered for review (a seeded sample).
+        review_k: Recommendations per list in the review panel.
+        seed: Seed of the review sample and of the hidden A/B assignment.
+        max_body_bytes: Larger request bodies get 413.
+        loader: Builds a retriever from a folder (default ``Retriever.load``; tests swap it).
+    """
+    model = load_model(artifacts, loader)
+    panel: ReviewPanel | None = None
+    if compare is not None:
+        if reviews is None:
+            raise ValueError("the review panel (--compare) needs a reviews file (--reviews)")
+        other = load_model(compare, loader)
+        if other.label == model.label:
+            other.label += "(compare)"
+        holdout = model.holdout or other.holdout
+        if holdout is None or len(holdout) == 0:
+            raise ValueError(
+                f"the review panel needs held-out listeners, but neither {artifacts} nor "
+                f"{compare} has {HOLDOUT_FILE}"
+            )
+        order = list(range(len(holdout)))
+        random.Random(seed).shuffle(order)
+        items = [holdout.ids[i] for i in sorted(order[:review_sample])]
+        store = ReviewStore(reviews)
+        store.assign(items, model.label, other.label, seed)
+        panel = ReviewPanel((model, other), store, items, holdout, review_k)
+
+    metrics = Metrics()
+    app = FastAPI(
+        title="twotower",
+        summary="Next-track recommendations from a two-tower model and a FAISS index.",
+        version=str(model.manifest.get("package_version", "")),
+        docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /docs below works offline
+        redoc_url=None,
+    )
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.state.model = model
+    app.state.panel = panel
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def page(name: str) -> FileResponse:
+        return FileResponse(STATIC / name, media_type="text/html")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return page("index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(_docs_html(app.openapi()))
+
+    @app.get("/healthz", summary="Artifact format, catalogue size, index spec, creation time")
+    def healthz() -> dict:
+        out = {"status": "ok", **model.health()}
+        if panel is not None:
+            out["review"] = {"items": len(panel.items), "k": panel.k}
+        return out
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    def metrics_endpoint() -> PlainTextResponse:
+        text = metrics.render({"twotower_catalogue_size": float(len(model.catalogue))})
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/recommend", response_model=RecommendResponse, summary="Next tracks")
+    def recommend(req: RecommendRequest) -> RecommendResponse:
+        ctx = req.context.model_dump(exclude_none=True) if req.context else None
+        return _recommend(model, req.history, req.k, req.exclude_history, ctx or None)
+
+    @app.get("/similar/{track_id}", response_model=RecommendResponse, summary="Similar tracks")
+    def similar(
+        track_id: Annotated[str, PathParam(min_length=1, max_length=256)],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    ) -> RecommendResponse:
+        if track_id not in model.catalogue:
+            raise HTTPException(404, detail=f"unknown track id {track_id!r}")
+        try:
+            rec = model.retriever.similar_tracks(track_id, k=k)
+        except (KeyError, ValueError) as e:
+            raise HTTPException(404, detail=str(e)) from e
+        return _as_response(rec)
+
+    @app.get("/tracks/search", response_model=list[Track], summary="Find tracks by substring")
+    def search(
+        q: Annotated[str, Query(min_length=1, max_length=100)],
+        limit: Annotated[int, Query(ge=1, le=MAX_SEARCH)] = 20,
+    ) -> list[Track]:
+        return model.catalogue.search(q, limit)
+
+    @app.get("/listeners", summary="Held-out listeners (history and the real next track)")
+    def listeners(
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> dict:
+        h = model.holdout
+        if h is None:
+            return {
+                "total": 0,
+                "listeners": [],
+                "message": "no held-out listeners in this artifact",
+            }
+        rows = range(offset, min(offset + limit, len(h)))
+        return {
+            "total": len(h),
+            "listeners": [
+                {
+                    "id": h.ids[i],
+                    "history_length": len(h.histories[i]),
+                    "target": model.catalogue.track(h.targets[i]).model_dump(),
+                }
+                for i in rows
+            ],
+        }
+
+    @app.get("/listeners/{listener_id}", summary="One held-out listener with recommendations")
+    def listener(
+        listener_id: Annotated[str, PathParam(min_length=1, max_length=256)],
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    ) -> dict:
+        h = model.holdout
+        row = h.get(listener_id) if h is not None else None
+        if h is None or row is None:
+            msg = "no held-out listeners in this artifact" if h is None else "unknown listener"
+            raise HTTPException(404, detail=f"{msg}: {listener_id!r}")
+        history = h.histories[row][-MAX_HISTORY:]
+        target = h.targets[row]
+        rec = _recommend(model, history, k, None, model.listener_context(row))
+        ranks = [i for i, t in enumerate(rec.items) if t.track_id == target]
+        return {
+            "id": listener_id,
+            "history": [model.catalogue.track(t).model_dump() for t in history],
+            "target": model.catalogue.track(target).model_dump(),
+            "target_known": target in model.catalogue,
+            "target_rank": ranks[0] if ranks else None,
+            "context": h.contexts[row],
+            "history_excluded": model.filter_seen,
+            "recommendations": [t.model_dump() for t in rec.items],
+            "unknown": rec.unknown,
+        }
+
+    _add_review_routes(app, panel)
+    return app
+
+
+def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
+    def need_panel() -> ReviewPanel:
+        if panel is None:
+            raise HTTPException(404, detail="review panel disabled: start with --compare DIR2")
+        return panel
+
+    @app.get("/review", include_in_schema=False, response_model=None)
+    def review_page() -> FileResponse | HTMLResponse:
+        if panel is None:
+            return HTMLResponse(
+                "<!doctype html><title>Review disabled</title><p>The review panel is disabled. "
+                "Start the service with <code>--compare DIR2</code>.</p>",
+                status_code=404,
+            )
+        return FileResponse(STATIC / "review.html", media_type="text/html")
+
+    @app.get("/review/items", summary="Review sample with the reviewer's progress")
+    def review_items(
+        reviewer: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict:
+        p = need_panel()
+        done: dict[str, int] = {}
+        if reviewer:
+            for r in p.store.ratings(reviewer=reviewer.strip()):
+                done[r.item] = done.get(r.item, 0) + 1
+        return {
+            "k": p.k,
+            "items": [{"id": i, "rated": done.get(i, 0)} for i in p.items],
+        }
+
+    @app.get("/review/items/{item}", summary="History and the two anonymous lists of an item")
+    def review_item(
+        item: Annotated[str, PathParam(min_length=1, max_length=256)],
+        reviewer: Annotated[str | None, Query(max_length=64)] = None,
+    ) -> dict:
+        p = need_panel()
+        if item not in p.items:
+            raise HTTPException(404, detail=f"{item!r} is not in the review sample")
+        side = p.assignment(item)
+        row = p.holdout.get(item)
+        assert row is not None
+        cat = p.models[0].catalogue
+        mine = {}
+        if reviewer:
+            mine = {
+                f"{r.list}:{r.position}": r.rating
+                for r in p.store.ratings(reviewer=reviewer.strip(), item=item)
+            }
+        return {
+            "id": item,
+            "history": [cat.track(t).model_dump() for t in p.holdout.histories[row][-50:]],
+            "history_length": len(p.holdout.histories[row]),
+            "lists": {
+                name: [t.model_dump(exclude={"score"}) for t in p.recs(label, item)]
+                for name, label in side.items()
+            },
+            "ratings": mine,
+            "choices": list(RATINGS),
+        }
+
+    @app.post("/review/rate", summary="Store (or replace) one rating")
+    def review_rate(req: RateRequest) -> dict:
+        p = need_panel()
+        if req.item not in p.items:
+            raise HTTPException(404, detail=f"{req.item!r} is not in the review sample")
+        label = p.assignment(req.item)[req.list]
+        recs = p.recs(label, req.item)
+        if req.position >= len(recs):
+            raise HTTPException(
+                422, detail=f"list {req.list} of {req.item!r} has {len(recs)} entries"
+            )
+        p.store.rate(
+            req.reviewer,
+            req.item,
+            req.list,
+            req.position,
+            recs[req.position].track_id,
+            label,
+            req.rating,
+        )
+        return {"ok": True}
+
+    @app.get("/review/report", summary="WTF share per model (Wilson CI), paired difference")
+    def review_report() -> dict:
+        p = need_panel()
+        return build_report(p.store.ratings()).to_dict()
+
+    @app.get("/review/report.csv", response_class=PlainTextResponse, summary="Report as CSV")
+    def review_report_csv() -> PlainTextResponse:
+        p = need_panel()
+        text = build_report(p.store.ratings()).to_csv()
+        return PlainTextResponse(
+            text,
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": 'attachment; filename="review-report.csv"'},
+        )
+
+    @app.get("/review/ratings.csv", response_class=PlainTextResponse, summary="Every rating")
+    def review_ratings_csv() -> PlainTextResponse:
+        p = need_panel()
+        return PlainTextResponse(
+            ratings_csv(p.store.ratings()),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": 'attachment; filename="review-ratings.csv"'},
+        )
+
+
+def _docs_html(spec: dict) -> str:
+    """A small offline API reference rendered from the OpenAPI document."""
+    from html import escape
+
+    rows = []
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            params = ", ".join(f"{p['name']} ({p.get('in')})" for p in op.get("parameters", []))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            ref = body.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
+            rows.append(
+                f"<tr><td><code>{escape(method.upper())}</code></td>"
+                f"<td><code>{escape(path)}</code></td><td>{escape(op.get('summary', ''))}</td>"
+                f"<td>{escape(params)}{escape(' body: ' + ref if ref else '')}</td></tr>"
+            )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>twotower API</title>"
+        '<link rel="stylesheet" href="/static/style.css"></head><body><main>'
+        "<h1>twotower API</h1><p>The full machine-readable description is "
+        '<a href="/openapi.json">/openapi.json</a>.</p><table class="docs">'
+        "<tr><th>method</th><th>path</th><th>what</th><th>parameters</th></tr>"
+        + "".join(rows)
+        + "</table></main></body></html>"
+    )
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """``twotower serve``: load the artifacts and run uvicorn."""
+    import uvicorn
+
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback:
+        print(
+            f"twotower serve: warning: listening on {args.host}, reachable from other machines; "
+            "there is no authentication",
+            file=sys.stderr,
+        )
+    app = create_app(args.artifacts, args.compare, args.reviews if args.compare else None)
+    print(f"twotower serve: http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
