@@ -1,0 +1,860 @@
+"""The artifact folder: writer (from a checkpoint or from raw parts) and reader.
+
+Layout (``FORMAT_VERSION`` 1.x; see DESIGN.md "Artifact folder")::
+
+    manifest.json        format version, created, package version, QueryTower class + args,
+                         dim, metric, index factory + search params + measured ANN recall@10,
+                         data fingerprint and split, run metrics, sha256 + size of every file
+    index.faiss          item vectors; row i = items.parquet row i = item index i + 2
+    items.parquet        track_id, title, artist, plays (training play count)
+    item_embeddings.npy  the same vectors, float32 or float16
+    user_embeddings.npy  optional: latest query vector of every known listener (users.parquet)
+    users.parquet        optional: row -> user_id
+    vocab.json           {"tracks": {id: index}, "users": {...}, "contexts": {...}} (0 pad, 1 OOV)
+    query_tower.pt       QueryTower state dict (torch.load(weights_only=True))
+    query_tower.onnx     optional; checked against torch with onnxruntime at export time
+    holdout.parquet      held-out test examples (query_id, history, target, hour, context_type)
+                         for demo and review pages
+
+Writes are atomic: everything goes to a hidden temporary folder beside ``out`` (manifest last),
+files and folder are fsynced, then the folder is renamed into place. An existing export at
+``out`` stays intact until the new one is complete (it is renamed aside, the new one renamed in,
+then the old one deleted). A crash leaves at most a hidden ``.NAME.tmp-*`` folder without a
+manifest, which no reader accepts.
+
+This module imports neither Lightning nor the model at import time: the Retriever reads
+artifacts through :func:`verify_artifact` without them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import errno
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from twotower import __version__
+from twotower.index import (
+    build_index,
+    get_search_params,
+    save_index,
+    search_param_name,
+    tune_index,
+)
+
+log = logging.getLogger("twotower")
+
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("index.faiss", "items.parquet", "item_embeddings.npy", "vocab.json")
+QUERY_TOWER_FILE = "query_tower.pt"
+ONNX_FILE = "query_tower.onnx"
+HOLDOUT_FILE = "holdout.parquet"
+ONNX_TOLERANCE = 1e-4
+TUNE_QUERIES = 10_000  # validation queries used to tune and measure the ANN index
+ALLOWED_TOWER_PREFIX = "twotower."
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, corrupt, or from a newer format: the message says which."""
+
+
+# ---------------------------------------------------------------------------------- reading
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read ``manifest.json`` of an artifact folder and check its format version.
+
+    Args:
+        path: The artifact folder.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ArtifactError: No folder or manifest, unreadable JSON, or a newer major format version.
+    """
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: artifact folder not found")
+    if not file.is_file():
+        raise ArtifactError(f"{file}: missing; {path} is not a complete twotower export")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{file}: unreadable manifest ({e})") from e
+    version = str(manifest.get("format_version", "")) if isinstance(manifest, dict) else ""
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise ArtifactError(f"{file}: no valid format_version (got {version!r})") from None
+    if major > FORMAT_MAJOR:
+        raise ArtifactError(
+            f"{file}: artifact format {version} is newer than this twotower {__version__} can "
+            f"read (format {FORMAT_VERSION}); upgrade twotower or re-export with this version"
+        )
+    if not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{file}: no 'files' table of checksums")
+    return manifest
+
+
+def verify_artifact(path: str | Path) -> dict[str, Any]:
+    """Check the format version, then the size and sha256 of every file listed in the manifest.
+
+    Args:
+        path: The artifact folder.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ArtifactError: Naming the first missing, truncated or modified file.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise ArtifactError(f"{path / MANIFEST}: lists no {name}")
+    for name, info in files.items():
+        f = path / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{path / MANIFEST}: file name {name!r} is not a plain name")
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing (listed in the manifest)")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise ArtifactError(f"{f}: {size} bytes, the manifest says {info.get('bytes')}")
+        if sha256_file(f) != info.get("sha256"):
+            raise ArtifactError(f"{f}: checksum mismatch (the file was modified or corrupted)")
+    return manifest
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tower_class(manifest: dict[str, Any]) -> type[nn.Module]:
+    """The query tower class named in the manifest (only classes of this package)."""
+    name = str(manifest["query_tower"]["class"])
+    module, _, cls = name.rpartition(".")
+    if not name.startswith(ALLOWED_TOWER_PREFIX) or not module:
+        raise ArtifactError(f"query tower class {name!r} is not a twotower class")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_query_tower(path: str | Path, manifest: dict[str, Any] | None = None) -> nn.Module:
+    """The standalone query tower of an artifact (eval mode; no Lightning involved).
+
+    Args:
+        path: The artifact folder.
+        manifest: Its manifest (read, unverified, when None).
+    """
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    tower = tower_class(manifest)(**manifest["query_tower"]["args"])
+    try:
+        state = torch.load(path / QUERY_TOWER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (refused objects), RuntimeError (damaged zip)
+        raise ArtifactError(
+            f"{path / QUERY_TOWER_FILE}: cannot be loaded with weights_only=True ({e})"
+        ) from e
+    tower.load_state_dict(state)
+    return tower.eval()
+
+
+# ---------------------------------------------------------------------------------- writing
+@contextmanager
+def atomic_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success move it to ``out`` atomically.
+
+    An existing ``out`` must be an artifact (holds ``manifest.json``) or empty. On Linux the
+    new folder and ``out`` are swapped in one atomic ``renameat2(RENAME_EXCHANGE)``, so ``out``
+    always holds a complete export, even under SIGKILL; elsewhere ``out`` is renamed aside, the
+    new folder renamed in, then the old one deleted. On any error the temporary folder is
+    removed and ``out`` is untouched.
+
+    Raises:
+        ArtifactError: ``out`` exists and is neither empty nor an artifact folder, or the disk
+            filled up while writing (the previous export is unchanged).
+    """
+    out = Path(out)
+    if out.exists() and (
+        not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())
+    ):
+        raise ArtifactError(f"refusing to replace {out}: it exists and is not an artifact folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from a serving user
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if out.exists() and _exchange(tmp, out):
+            _fsync(out.parent)
+            (tmp / MANIFEST).unlink()  # tmp now holds the previous export: invalidate, delete
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)
+            raise
+        _fsync(out.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e):
+            raise ArtifactError(
+                f"could not write the export {out}: {e} (disk full?); "
+                f"the previous export at {out}, if any, is unchanged"
+            ) from e
+        raise
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An out-of-space error (OSError, or FAISS's RuntimeError that quotes strerror)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(e) if isinstance(e, RuntimeError) else ""
+    return "No space left on device" in text or "File too large" in text
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where that is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_artifact(
+    out: str | Path,
+    *,
+    query_tower: nn.Module,
+    item_emb: np.ndarray | torch.Tensor,
+    items: pd.DataFrame,
+    vocab: dict[str, list[str]],
+    index: str = "auto",
+    metric: str = "ip",
+    tune_queries: np.ndarray | torch.Tensor | None = None,
+    target_recall: float = 0.95,
+    dtype: str = "float32",
+    user_emb: np.ndarray | None = None,
+    onnx: bool = False,
+    history_len: int | None = None,
+    holdout: pd.DataFrame | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Build the index and write a complete artifact folder atomically.
+
+    Args:
+        out: Destination folder (replaced atomically when it holds an older export).
+        query_tower: A query tower with a JSON-serialisable ``config`` property
+            (``type(tower)(**tower.config)`` rebuilds it).
+        item_emb: Vectors of the real tracks ``[N, d]`` (row i = item index i + 2).
+        items: ``[N]`` rows: track_id (= ``vocab["tracks"][i]``), title, artist, optional plays.
+        vocab: Raw ids in index order without pad/OOV: ``tracks`` (N), ``users``, ``contexts``.
+        index: ``"auto"`` or a FAISS factory string (see :func:`twotower.index.build_index`).
+        metric: ``"ip"`` or ``"l2"``.
+        tune_queries: Representative query vectors ``[Q, d]`` for tuning the ANN index and
+            measuring its recall@10; None uses up to 2,000 item vectors as proxy queries.
+        target_recall: Recall@10 vs exact that tuning aims for.
+        dtype: ``"float32"`` or ``"float16"`` for ``item_embeddings.npy`` (the index always
+            holds float32 vectors).
+        user_emb: Optional ``[U, d]`` query vectors of ``vocab["users"]`` (row order).
+        onnx: Also write ``query_tower.onnx`` and check it against torch (fails above 1e-4).
+        history_len: Events of history the query tower was trained/evaluated with (default its
+            ``max_len``); the Retriever truncates histories to it.
+        holdout: Optional held-out examples for ``holdout.parquet``.
+        extra: More manifest entries (data, metrics, checkpoint, ...).
+
+    Returns:
+        The artifact folder.
+    """
+    out = Path(out)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+    emb = np.ascontiguousarray(
+        item_emb.detach().cpu().float().numpy() if isinstance(item_emb, torch.Tensor) else item_emb,
+        dtype=np.float32,
+    )
+    tracks = [str(t) for t in vocab["tracks"]]
+    if emb.ndim != 2 or emb.shape[0] != len(tracks) or len(items) != len(tracks):
+        raise ValueError(
+            f"item_emb {emb.shape}, items ({len(items)} rows) and vocab['tracks'] "
+            f"({len(tracks)}) must all have one row per real track"
+        )
+    if items["track_id"].astype(str).tolist() != tracks:
+        raise ValueError("items.track_id must equal vocab['tracks'] row for row")
+    config = dict(query_tower.config)
+    cls = f"{type(query_tower).__module__}.{type(query_tower).__qualname__}"
+    dim = emb.shape[1]
+    if int(config.get("dim", dim)) != dim:
+        raise ValueError(
+            f"the query tower makes {config.get('dim')}-d vectors but item_emb is {dim}-d"
+        )
+    history_len = int(history_len or config.get("max_len", 50))
+
+    t0 = time.perf_counter()
+    faiss_index = build_index(emb, index, metric)
+    build_s = time.perf_counter() - t0
+    if tune_queries is None:
+        rng = np.random.default_rng(0)
+        tune_queries = emb[np.sort(rng.choice(len(emb), min(len(emb), 2000), replace=False))]
+        tuned_on = "item vectors (no validation queries given)"
+    else:
+        tuned_on = "validation queries"
+    tune_queries = np.ascontiguousarray(
+        tune_queries.detach().cpu().float().numpy()
+        if isinstance(tune_queries, torch.Tensor)
+        else tune_queries,
+        dtype=np.float32,
+    )[:TUNE_QUERIES]
+    tuned = tune_index(faiss_index, emb, tune_queries, 10, target_recall, metric)
+    tune_s = time.perf_counter() - t0 - build_s
+    log.info("index %s built in %.1fs, tuned %s", faiss_index, build_s, tuned)
+
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "query_tower": {"class": cls, "args": config, "history_len": history_len},
+        "dim": dim,
+        "metric": metric,
+        "num_items": len(tracks),
+        "item_dtype": dtype,
+        "index": {
+            "file": "index.faiss",
+            "spec": index,
+            "factory": _factory_of(index, emb),
+            "metric": metric,
+            "ntotal": int(faiss_index.ntotal),
+            "search_params": get_search_params(faiss_index),
+            "tuned_param": search_param_name(faiss_index),
+            "ann_recall": float(tuned["recall_at_10"]),
+            "recall_k": 10,
+            "target_recall": target_recall,
+            "tuned_on": tuned_on,
+            "tune_queries": len(tune_queries),
+            "build_seconds": round(build_s, 3),
+            "tune_seconds": round(tune_s, 3),
+        },
+    }
+    with atomic_folder(out) as tmp:
+        save_index(faiss_index, tmp / "index.faiss")
+        items.reset_index(drop=True).to_parquet(tmp / "items.parquet", index=False)
+        np.save(tmp / "item_embeddings.npy", emb.astype(dtype), allow_pickle=False)
+        vocab_json = {
+            "tracks": {t: i + 2 for i, t in enumerate(tracks)},
+            "users": {str(u): i + 2 for i, u in enumerate(vocab.get("users", []))},
+            "contexts": {str(c): i + 2 for i, c in enumerate(vocab.get("contexts", []))},
+        }
+        (tmp / "vocab.json").write_text(json.dumps(vocab_json))
+        state = {k: v.detach().cpu().contiguous() for k, v in query_tower.state_dict().items()}
+        torch.save(state, tmp / QUERY_TOWER_FILE)
+        if user_emb is not None:
+            users = [str(u) for u in vocab.get("users", [])]
+            if user_emb.shape != (len(users), dim):
+                raise ValueError(f"user_emb {user_emb.shape} != ({len(users)}, {dim})")
+            np.save(tmp / "user_embeddings.npy", user_emb.astype(dtype), allow_pickle=False)
+            pd.DataFrame({"user_id": pd.Series(users, dtype="string")}).to_parquet(
+                tmp / "users.parquet", index=False
+            )
+            manifest["users"] = {"count": len(users), "file": "user_embeddings.npy"}
+        if holdout is not None:
+            holdout.to_parquet(tmp / HOLDOUT_FILE, index=False)
+        if onnx:
+            manifest["onnx"] = export_onnx(query_tower, tmp / ONNX_FILE, history_len)
+        manifest.update(extra or {})
+        manifest["files"] = {
+            f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+            for f in sorted(tmp.iterdir())
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+    return out
+
+
+def _factory_of(spec: str, emb: np.ndarray) -> str:
+    from twotower.index import auto_spec
+
+    return auto_spec(*emb.shape) if spec == "auto" else spec
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+# ---------------------------------------------------------------------------------- ONNX
+class _OnnxQuery(nn.Module):
+    """The query tower with exactly the inputs it uses (ONNX graphs take no optional inputs)."""
+
+    def __init__(self, tower: nn.Module, inputs: list[str]) -> None:
+        super().__init__()
+        self.tower = tower
+        self.inputs = inputs
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        kw = dict(zip(self.inputs, args, strict=True))
+        return self.tower(
+            kw["history"], kw.get("users"), kw.get("hours"), kw.get("contexts")
+        )  # [B, dim]
+
+
+def onnx_inputs(config: dict[str, Any]) -> list[str]:
+    """Input names of the ONNX query tower for a QueryTower config."""
+    names = ["history"]
+    if config.get("num_users", 0) > 0:
+        names.append("users")
+    if config.get("use_hour", False):
+        names.append("hours")
+    if config.get("num_contexts", 0) > 0:
+        names.append("contexts")
+    return names
+
+
+def example_query_inputs(
+    config: dict[str, Any], batch: int, length: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random valid inputs (variable left padding) for parity checks."""
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(2, config["num_items"], (batch, length), generator=g)
+    pad = torch.randint(0, length, (batch,), generator=g)  # [B] padding per row
+    history[torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)] = 0
+    out = {"history": history}
+    if config.get("num_users", 0) > 0:
+        out["users"] = torch.randint(0, config["num_users"], (batch,), generator=g)
+    if config.get("use_hour", False):
+        out["hours"] = torch.randint(-1, 24, (batch,), generator=g)
+    if config.get("num_contexts", 0) > 0:
+        out["contexts"] = torch.randint(0, config["num_contexts"], (batch,), generator=g)
+    return out
+
+
+class _PortableOps(TorchFunctionMode):
+    """Trace ONNX-portable equivalents of ops whose boolean forms onnxruntime cannot run.
+
+    ``cumsum`` of a bool tensor (torch sums it as int64) is traced on an int64 copy, and
+    ``torch.eye(..., dtype=torch.bool)`` as a float identity compared with 0; results are
+    identical, only the exported graph changes.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+        kwargs = kwargs or {}
+        if func in (torch.cumsum, torch.Tensor.cumsum) and args[0].dtype == torch.bool:
+            return func(args[0].long(), *args[1:], **kwargs)
+        if func is torch.eye and kwargs.get("dtype") == torch.bool:
+            return func(*args, **{**kwargs, "dtype": torch.float32}) != 0
+        return func(*args, **kwargs)
+
+
+def export_onnx(tower: nn.Module, path: Path, history_len: int) -> dict[str, Any]:
+    """Write the query tower as ONNX and compare it with torch on random inputs.
+
+    Raises:
+        ArtifactError: onnxruntime disagrees with torch by more than 1e-4.
+        ImportError: onnx/onnxruntime are not installed (the ``onnx`` extra).
+    """
+    import onnxruntime as ort
+
+    was_training = tower.training
+    tower.eval()
+    inputs = onnx_inputs(tower.config)
+    wrapper = _OnnxQuery(tower, inputs).eval()
+    example = example_query_inputs(tower.config, 4, history_len)
+    dynamic = {name: {0: "batch"} for name in inputs}
+    dynamic["history"] = {0: "batch", 1: "length"}
+    dynamic["query_emb"] = {0: "batch"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), _PortableOps():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            tuple(example[n] for n in inputs),
+            buf,
+            input_names=inputs,
+            output_names=["query_emb"],
+            dynamic_axes=dynamic,
+            opset_version=17,
+            dynamo=False,
+        )
+    path.write_bytes(buf.getvalue())
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check = example_query_inputs(tower.config, 64, history_len, seed=1)
+    with torch.no_grad():
+        expected = wrapper(*(check[n] for n in inputs)).numpy()  # [B, dim]
+    got = session.run(None, {n: check[n].numpy() for n in inputs})[0]
+    diff = float(np.abs(got - expected).max())
+    tower.train(was_training)
+    if not diff <= ONNX_TOLERANCE:
+        raise ArtifactError(
+            f"ONNX query tower differs from torch by {diff:.3g} > {ONNX_TOLERANCE} "
+            f"(opset 17, {len(check['history'])} random histories)"
+        )
+    return {
+        "file": ONNX_FILE,
+        "inputs": inputs,
+        "output": "query_emb",
+        "opset": 17,
+        "max_abs_diff": diff,
+        "checked_queries": len(check["history"]),
+    }
+
+
+# ---------------------------------------------------------------------------------- checkpoint
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_checkpoint_dict(checkpoint: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint with ``weights_only=True`` (never unpickling objects).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ArtifactError: The checkpoint holds objects that weights-only loading refuses.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError / RuntimeError variants
+        raise ArtifactError(f"{path}: cannot be loaded with weights_only=True ({e})") from e
+
+
+def _checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Monitor, best and last score of the checkpoint callback (empty when absent)."""
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if "ModelCheckpoint" in str(key) and isinstance(state, dict) and state.get("monitor"):
+
+            def num(x: Any) -> float | None:
+                return None if x is None else float(x)
+
+            return {
+                "monitor": state["monitor"],
+                "best": num(state.get("best_model_score")),
+                "last": num(state.get("current_score")),
+            }
+    return {}
+
+
+@torch.no_grad()
+def _query_vectors(
+    tower: nn.Module,
+    history: np.ndarray,
+    users: np.ndarray | None,
+    hours: np.ndarray | None,
+    contexts: np.ndarray | None,
+    device: torch.device,
+    batch_size: int,
+) -> np.ndarray:
+    """Query vectors ``[Q, dim]`` of left-padded histories ``[Q, L]``, in batches."""
+    cfg = tower.config
+    out = []
+    side = {
+        "users": users if cfg.get("num_users", 0) > 0 else None,
+        "hours": hours if cfg.get("use_hour", False) else None,
+        "contexts": contexts if cfg.get("num_contexts", 0) > 0 else None,
+    }
+    for s in range(0, len(history), batch_size):
+        sl = slice(s, s + batch_size)
+        kw = {
+            k: None if a is None else torch.as_tensor(a[sl].astype(np.int64), device=device)
+            for k, a in side.items()
+        }
+        q = tower(torch.as_tensor(history[sl], device=device), **kw)  # [b, dim]
+        out.append(q.float().cpu().numpy())
+    dim = int(cfg["dim"])
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Latest ``window`` positive events of every user index ``2..U-1``: ``[U-2, window]``.
+
+    A user's latest history is their test history plus the test target when they have a test
+    example (the most recent one), else the positive events of their training sequences in
+    time order. Returns the left-padded histories and a mask of users that have any event.
+    """
+    from twotower.data.datamodule import left_pad_last
+
+    n_users = data.num_users
+    hist = np.zeros((n_users, window), dtype=np.int64)
+    # training sequences: positive events, sorted by (user, timestamp)
+    tr = data.train
+    user_of = np.repeat(tr.users, tr.lengths)
+    keep = tr.positive.astype(bool) & (user_of >= 2)
+    order = np.lexsort((tr.timestamps[keep], user_of[keep]))
+    items = tr.items[keep][order]
+    users_sorted = user_of[keep][order]
+    counts = np.bincount(users_sorted, minlength=n_users)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    hist[:] = left_pad_last(items, offsets, window)
+    # test examples override: known history items + the test target when it is known
+    te = data.test
+    if len(te):
+        q_of = np.repeat(np.arange(len(te)), np.diff(te.offsets))
+        has_target = te.targets >= 2
+        rows = np.concatenate([q_of, np.flatnonzero(has_target)])
+        vals = np.concatenate([te.history, te.targets[has_target]])
+        pos = np.concatenate([np.arange(len(te.history)), np.full(has_target.sum(), len(vals))])
+        keep = vals >= 2
+        order = np.lexsort((pos[keep], rows[keep]))
+        ext_vals = vals[keep][order]
+        ext_off = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(te)))])
+        padded = left_pad_last(ext_vals, ext_off, window)  # [Q, window]
+        last_row = {int(u): q for q, u in enumerate(te.users) if u >= 2}  # latest example wins
+        users_with_test = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
+        hist[users_with_test] = padded[np.fromiter(last_row.values(), np.int64, len(last_row))]
+    hist = hist[2:]
+    return hist, (hist != 0).any(axis=1)
+
+
+def _holdout_frame(data: Any, window: int, limit: int) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Up to ``limit`` test examples with raw ids (cold targets and OOV history items left out)."""
+    te = data.test
+    ids = np.asarray(data.item_vocab.ids, dtype=object)
+    users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
+    contexts = np.asarray(["", "", *data.context_vocab.ids], dtype=object)
+    rows = np.flatnonzero(te.targets >= 2)
+    cold = int(len(te) - len(rows))
+    rows = rows[:limit]
+    records = []
+    for q in rows:
+        h = te.history[te.offsets[q] : te.offsets[q + 1]]
+        h = h[h >= 2][-window:]
+        u = int(te.users[q])
+        records.append(
+            {
+                "query_id": str(users[u]) if u >= 2 else f"test-{q}",
+                "history": [str(x) for x in ids[h - 2]],
+                "target": str(ids[te.targets[q] - 2]),
+                "hour": int(te.hours[q]),
+                "context_type": str(contexts[te.contexts[q]]) if te.contexts[q] >= 2 else None,
+            }
+        )
+    frame = pd.DataFrame(records, columns=["query_id", "history", "target", "hour", "context_type"])
+    return frame, {"rows": len(frame), "test_examples": len(te), "cold_targets_left_out": cold}
+
+
+def _init_kwargs(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
+    """The saved hyper-parameters that ``cls.__init__`` accepts (LightningCLI adds private ones)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in dict(hparams).items() if k in params and k != "self"}
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out: str,
+    index: str = "auto",
+    users: bool = False,
+    dtype: str = "float32",
+    onnx: bool = False,
+    batch_size: int = 8192,
+    device: str = "auto",
+    holdout: int = 5000,
+    progress: bool = True,
+    lineage: dict[str, Any] | None = None,
+) -> Path:
+    """Export a trained checkpoint as an artifact folder (see the module docstring).
+
+    The data are rebuilt (from the preprocessing cache) with the checkpoint's
+    ``datamodule_hyper_parameters`` for display metadata, validation queries (index tuning),
+    held-out examples and user histories; their fingerprint must match the training run's.
+
+    Args:
+        checkpoint: Lightning checkpoint of a ``TwoTowerModule`` trained with a
+            ``SessionDataModule``.
+        out: Artifact folder (replaced atomically).
+        index: ``"auto"``, ``"Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, ... (FAISS factory).
+        users: Also write ``user_embeddings.npy`` / ``users.parquet``.
+        dtype: ``"float32"`` or ``"float16"`` for the stored embeddings.
+        onnx: Also write ``query_tower.onnx`` (checked against torch).
+        batch_size: Items / queries per forward pass.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        holdout: Test examples written to ``holdout.parquet`` (0 = none).
+        progress: Show a progress bar while embedding the catalogue.
+        lineage: Provenance record (see :mod:`twotower.lineage`) stored as
+            ``manifest["lineage"]``, so a served index traces to its data, config and code.
+
+    Returns:
+        The artifact folder.
+    """
+    from tqdm.auto import tqdm
+
+    from twotower.data.datamodule import SessionDataModule, left_pad_last
+    from twotower.model.module import TwoTowerModule
+
+    ckpt = load_checkpoint_dict(checkpoint)
+    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+        if key not in ckpt:
+            raise ArtifactError(f"{checkpoint}: no {key!r}: not a twotower training checkpoint")
+    hp = _init_kwargs(TwoTowerModule, ckpt["hyper_parameters"])
+    dm_hp = _init_kwargs(SessionDataModule, ckpt["datamodule_hyper_parameters"])
+    module = TwoTowerModule(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    dev = resolve_device(device)
+    module.to(dev).eval()
+    dm = SessionDataModule(**dm_hp)
+    data = dm.data
+    trained_fp = module.data_info.get("fingerprint")
+    if trained_fp and trained_fp != data.fingerprint:
+        raise ArtifactError(
+            f"{checkpoint}: the data changed since training (fingerprint {data.fingerprint[:12]} "
+            f"!= {trained_fp[:12]}); export needs the training data"
+        )
+    if data.num_items != module.hparams.num_items:
+        raise ArtifactError(
+            f"{checkpoint}: model has {module.hparams.num_items} items, data {data.num_items}"
+        )
+    tower = module.query_tower
+    window = int(min(dm.window, tower.config["max_len"]))
+
+    n = data.num_items
+    chunks = []
+    with torch.no_grad(), tqdm(total=n - 2, desc="item embeddings", disable=not progress) as bar:
+        for s in range(2, n, batch_size):
+            ids = torch.arange(s, min(s + batch_size, n), device=dev)  # [b]
+            chunks.append(module.item_tower(ids).float().cpu().numpy())  # [b, dim]
+            bar.update(len(ids))
+    item_emb = np.concatenate(chunks)
+
+    va = data.valid
+    keep = np.flatnonzero(np.diff(va.offsets) > 0)[:TUNE_QUERIES]
+    hist = left_pad_last(va.history, va.offsets, window)[keep]
+    valid_q = _query_vectors(
+        tower, hist, va.users[keep], va.hours[keep], va.contexts[keep], dev, batch_size
+    )
+
+    user_emb = None
+    if users:
+        if data.num_users <= 2:
+            raise ValueError(f"{checkpoint}: --users, but the data has no listener ids")
+        uh, has_events = _latest_user_histories(data, window)
+        uids = np.arange(2, data.num_users)
+        user_emb = _query_vectors(tower, uh, uids, None, None, dev, batch_size)
+        if not has_events.all():
+            log.warning(
+                "%d listeners have no positive event: history-less query", (~has_events).sum()
+            )
+
+    tracks = data.tracks.iloc[2:].reset_index(drop=True)
+    items = pd.DataFrame(
+        {
+            "track_id": pd.Series(data.item_vocab.ids, dtype="string"),
+            "title": tracks["title"].astype("string") if "title" in tracks else pd.NA,
+            "artist": tracks["artist"].astype("string") if "artist" in tracks else pd.NA,
+            "plays": data.item_counts[2:].astype(np.int64),
+        }
+    )
+    holdout_df, holdout_info = (None, None)
+    if holdout > 0 and len(data.test):
+        holdout_df, holdout_info = _holdout_frame(data, window, holdout)
+    extra = {
+        "data": {
+            "fingerprint": data.fingerprint,
+            "split": data.params.get("split", dm.config.split),
+            "filter_seen": bool(data.params.get("filter_seen", False)),
+            "params": data.params,
+            "datamodule": dm_hp,
+        },
+        "metrics": _checkpoint_metrics(ckpt),
+        "checkpoint": {
+            "file": str(Path(checkpoint).resolve()),
+            "sha256": sha256_file(checkpoint),
+            "epoch": ckpt.get("epoch"),
+            "global_step": ckpt.get("global_step"),
+            "train_seconds": ckpt.get("train_seconds"),
+        },
+        "model": hp,
+    }
+    if holdout_info is not None:
+        extra["holdout"] = holdout_info
+    if lineage is not None:
+        extra["lineage"] = lineage
+    return write_artifact(
+        out,
+        query_tower=tower.cpu(),
+        item_emb=item_emb,
+        items=items,
+        vocab={
+            "tracks": data.item_vocab.ids,
+            "users": data.user_vocab.ids,
+            "contexts": data.context_vocab.ids,
+        },
+        index=index,
+        tune_queries=valid_q if len(valid_q) else None,
+        dtype=dtype,
+        user_emb=user_emb,
+        onnx=onnx,
+        history_len=window,
+        holdout=holdout_df,
+        extra=extra,
+    )

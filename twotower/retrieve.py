@@ -1,0 +1,484 @@
+"""Retriever: next-track recommendations and similar tracks from an artifact folder.
+
+Loading never imports Lightning: the artifact carries the query tower's class and constructor
+arguments plus a weights-only state dict, the FAISS index, the display table and vocabularies.
+
+History ids that the model has never seen are reported in :attr:`Recommendations.unknown` and
+left out of the query (their OOV embedding was never trained); they are never silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from twotower.export import (
+    ArtifactError,
+    load_query_tower,
+    read_manifest,
+    verify_artifact,
+)
+from twotower.index import check_index, load_index, set_search_param
+
+NUM_HOURS = 24
+Exclude = list[str] | str | None
+
+
+class UnknownTrackError(KeyError):
+    """A track id that is not in the artifact's catalogue."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown track"
+
+
+@dataclass
+class Recommendations:
+    """Top-k tracks for one query, best first.
+
+    Attributes:
+        ids: Track ids.
+        titles: Titles ("" when unknown).
+        artists: Artists ("" when unknown).
+        scores: Inner products of query and track vectors (cosine for normalised vectors).
+        unknown: History ids not in the vocabulary (left out of the query), in input order.
+        notes: Other inputs that could not be used (unknown context type or user, ...).
+    """
+
+    ids: list[str]
+    titles: list[str]
+    artists: list[str]
+    scores: list[float]
+    unknown: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per recommendation: rank (1-based), track_id, title, artist, score."""
+        return pd.DataFrame(
+            {
+                "rank": np.arange(1, len(self.ids) + 1),
+                "track_id": self.ids,
+                "title": self.titles,
+                "artist": self.artists,
+                "score": np.asarray(self.scores, dtype=np.float32),
+            }
+        )
+
+    def format(self) -> str:
+        """A plain table: rank, track id, title, artist, score."""
+        lines = [f"{'rank':>4}  {'track_id':<16} {'title':<32} {'artist':<24} {'score':>7}"]
+        for r, (i, t, a, s) in enumerate(
+            zip(self.ids, self.titles, self.artists, self.scores, strict=True), 1
+        ):
+            lines.append(f"{r:>4}  {i:<16} {t[:32]:<32} {a[:24]:<24} {s:>7.4f}")
+        return "\n".join(lines)
+
+
+class Retriever:
+    """Serve recommendations from an artifact folder (use :meth:`load`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        index: Any,
+        items: pd.DataFrame,
+        vocab: dict[str, dict[str, int]],
+        query_tower: nn.Module,
+        item_emb: np.ndarray,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.query_tower = query_tower
+        self.item_emb = item_emb  # [N, d], float32 or float16 (memory-mapped)
+        self.ids = items["track_id"].astype(str).to_numpy(object)
+        self.titles = _text(items, "title")
+        self.artists = _text(items, "artist")
+        self.track_rows: dict[str, int] = {t: i for i, t in enumerate(self.ids)}
+        self.user_index = vocab.get("users", {})
+        self.context_index = vocab.get("contexts", {})
+        cfg = manifest["query_tower"]["args"]
+        self.config = cfg
+        self.history_len = int(manifest["query_tower"].get("history_len") or cfg["max_len"])
+        self.history_len = min(self.history_len, int(cfg["max_len"]))
+        self.filter_seen = bool((manifest.get("data") or {}).get("filter_seen", False))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True, mmap: bool = True) -> Retriever:
+        """Verify and load an artifact folder.
+
+        Args:
+            path: The folder written by :func:`twotower.export.export_checkpoint`.
+            verify: Check every file's checksum first (a few seconds for 1M tracks).
+            mmap: Memory-map ``item_embeddings.npy`` instead of reading it.
+
+        Raises:
+            ArtifactError: Missing/corrupt files, a newer format, or inconsistent contents.
+        """
+        path = Path(path)
+        manifest = verify_artifact(path) if verify else read_manifest(path)
+        try:
+            return cls._load(path, manifest, mmap)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
+            # the manifest is the one file no checksum covers: a damaged one must not escape
+            # as a KeyError or a size mismatch deep inside torch
+            raise ArtifactError(
+                f"{path}: inconsistent artifact or malformed {path / 'manifest.json'} "
+                f"({type(e).__name__}: {e})"
+            ) from e
+
+    @classmethod
+    def _load(cls, path: Path, manifest: dict[str, Any], mmap: bool) -> Retriever:
+        index = load_index(path / "index.faiss")
+        num_items, dim = int(manifest["num_items"]), int(manifest["dim"])
+        tower_dim = manifest["query_tower"]["args"].get("dim")
+        if tower_dim != dim:
+            raise ArtifactError(
+                f"{path / 'manifest.json'}: the query tower makes {tower_dim}-d vectors but "
+                f"the index holds {dim}-d ones"
+            )
+        try:
+            check_index(index, num_items, dim)
+        except ValueError as e:
+            raise ArtifactError(f"{path / 'index.faiss'}: {e}") from e
+        for name, value in (manifest["index"].get("search_params") or {}).items():
+            set_search_param(index, name, value)
+        items = pd.read_parquet(path / "items.parquet")
+        vocab = json.loads((path / "vocab.json").read_text())
+        tracks = vocab.get("tracks", {})
+        ordered = sorted(tracks, key=tracks.__getitem__)
+        if len(items) != num_items or items["track_id"].astype(str).tolist() != ordered:
+            raise ArtifactError(f"{path}: items.parquet rows do not match vocab.json tracks")
+        if [tracks[t] for t in ordered] != list(range(2, num_items + 2)):
+            raise ArtifactError(f"{path / 'vocab.json'}: track indices must run 2..N+1")
+        try:
+            item_emb = np.load(
+                path / "item_embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False
+            )
+        except ValueError as e:  # object arrays (pickles) are refused, never loaded
+            raise ArtifactError(f"{path / 'item_embeddings.npy'}: not a numeric array ({e})") from e
+        if item_emb.shape != (num_items, dim):
+            raise ArtifactError(f"{path / 'item_embeddings.npy'}: shape {item_emb.shape}")
+        tower = load_query_tower(path, manifest)
+        return cls(path, manifest, index, items, vocab, tower, item_emb)
+
+    def __len__(self) -> int:
+        """Catalogue size."""
+        return len(self.ids)
+
+    def __contains__(self, track_id: object) -> bool:
+        return str(track_id) in self.track_rows
+
+    def rows_of(self, track_ids: list[str]) -> np.ndarray:
+        """Index rows of track ids (-1 when unknown)."""
+        get = self.track_rows.get
+        return np.fromiter((get(str(t), -1) for t in track_ids), np.int64, len(track_ids))
+
+    # ------------------------------------------------------------------ queries
+    def _query_inputs(
+        self, histories: list[list[str]], contexts: list[dict | None]
+    ) -> tuple[dict[str, torch.Tensor], list[list[str]], list[list[str]], list[np.ndarray]]:
+        """Tensors for the query tower plus unknown ids, notes and known rows per query."""
+        n = len(histories)
+        users = np.zeros(n, dtype=np.int64)
+        hours = np.full(n, -1, dtype=np.int64)
+        ctx = np.zeros(n, dtype=np.int64)
+        unknown, notes, known_rows = [], [], []
+        for q, (hist, c) in enumerate(zip(histories, contexts, strict=True)):
+            hist = [str(h) for h in hist]
+            rows = self.rows_of(hist) if hist else np.zeros(0, dtype=np.int64)
+            unknown.append(list(dict.fromkeys(h for h, r in zip(hist, rows, strict=True) if r < 0)))
+            known_rows.append(rows[rows >= 0])
+            note: list[str] = []
+            if c:
+                users[q], hours[q], ctx[q] = self._context(c, note)
+            notes.append(note)
+        # Left-pad only to the longest history of the batch: the encoders are invariant to
+        # leading padding, and a 20-event history then costs 20 positions, not history_len.
+        length = max(1, min(self.history_len, max((len(r) for r in known_rows), default=1)))
+        history = np.zeros((n, length), dtype=np.int64)
+        for q, rows in enumerate(known_rows):
+            take = rows[-length:] + 2  # item index = row + 2
+            if len(take):
+                history[q, length - len(take) :] = take
+        inputs = {"history": torch.from_numpy(history)}
+        if self.config.get("num_users", 0) > 0:
+            inputs["users"] = torch.from_numpy(users)
+        if self.config.get("use_hour", False):
+            inputs["hours"] = torch.from_numpy(hours)
+        if self.config.get("num_contexts", 0) > 0:
+            inputs["contexts"] = torch.from_numpy(ctx)
+        return inputs, unknown, notes, known_rows
+
+    def _context(self, c: dict, notes: list[str]) -> tuple[int, int, int]:
+        """(user index, hour, context index) of a context dict; unusable values noted."""
+        allowed = {"hour", "context_type", "user", "user_id"}
+        extra = sorted(set(c) - allowed)
+        if extra:
+            raise ValueError(f"unknown context keys {extra}; expected some of {sorted(allowed)}")
+        hour = c.get("hour")
+        if hour is not None and not (isinstance(hour, int | np.integer) and 0 <= hour < NUM_HOURS):
+            raise ValueError(f"context hour must be an integer 0..23, got {hour!r}")
+        user_raw = c.get("user", c.get("user_id"))
+        user = 0
+        if user_raw is not None:
+            user = self.user_index.get(str(user_raw), 0)
+            if not user:
+                notes.append(f"user {user_raw!r} not in the vocabulary: treated as unknown")
+            elif self.config.get("num_users", 0) == 0:
+                notes.append("this model does not use the listener id")
+        context = 0
+        ctype = c.get("context_type")
+        if ctype is not None:
+            context = self.context_index.get(str(ctype), 0)
+            if not context:
+                notes.append(f"context_type {ctype!r} not in the vocabulary: treated as unknown")
+        if hour is not None and not self.config.get("use_hour", False):
+            notes.append("this model does not use the hour of day")
+        return user, -1 if hour is None else int(hour), context
+
+    @torch.inference_mode()
+    def query_embeddings(
+        self, histories: list[list[str]], contexts: list[dict | None] | None = None
+    ) -> np.ndarray:
+        """Query vectors ``[Q, d]`` of histories (unknown ids left out)."""
+        contexts = contexts or [None] * len(histories)
+        inputs, _, _, _ = self._query_inputs(histories, contexts)
+        return self.query_tower(**inputs).float().numpy()  # [Q, d]
+
+    def _search(
+        self, query_emb: np.ndarray, k: int, exclude_rows: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Top-``k`` rows per query after removing excluded rows (over-fetching to fill k)."""
+        n_max = max((len(e) for e in exclude_rows), default=0)
+        fetch = min(k + n_max, len(self.ids))
+        scores, rows = self.index.search(np.ascontiguousarray(query_emb, np.float32), fetch)
+        out = []
+        for q in range(len(query_emb)):
+            keep = rows[q] >= 0
+            if len(exclude_rows[q]):
+                keep &= ~np.isin(rows[q], exclude_rows[q])
+            out.append((rows[q][keep][:k], scores[q][keep][:k]))
+        return out
+
+    def _result(
+        self, rows: np.ndarray, scores: np.ndarray, unknown: list[str], notes: list[str]
+    ) -> Recommendations:
+        return Recommendations(
+            ids=[str(x) for x in self.ids[rows]],
+            titles=[str(x) for x in self.titles[rows]],
+            artists=[str(x) for x in self.artists[rows]],
+            scores=[float(s) for s in scores],
+            unknown=unknown,
+            notes=notes,
+        )
+
+    def recommend_batch(
+        self,
+        histories: list[list[str]],
+        k: int = 10,
+        exclude: Exclude | list[Exclude] = None,
+        contexts: list[dict | None] | None = None,
+        batch_size: int = 1024,
+    ) -> list[Recommendations]:
+        """:meth:`recommend` for many histories at once (one tower pass and one search per batch).
+
+        Args:
+            histories: Track ids per query, oldest first.
+            k: Recommendations per query.
+            exclude: ``"history"`` (each query's own history), a list of ids for every query,
+                a per-query list of those, or None.
+            contexts: Per-query context dicts (see :meth:`recommend`) or None.
+            batch_size: Queries per tower pass and index search.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        histories = [list(h) for h in histories]
+        contexts = contexts if contexts is not None else [None] * len(histories)
+        if len(contexts) != len(histories):
+            raise ValueError(f"{len(contexts)} contexts for {len(histories)} histories")
+        per_query = isinstance(exclude, list) and bool(exclude) and isinstance(exclude[0], list)
+        if per_query and len(exclude) != len(histories):
+            raise ValueError(f"{len(exclude)} exclude lists for {len(histories)} histories")
+        results: list[Recommendations] = []
+        for s in range(0, len(histories), batch_size):
+            hs, cs = histories[s : s + batch_size], contexts[s : s + batch_size]
+            inputs, unknown, notes, known = self._query_inputs(hs, cs)
+            with torch.inference_mode():
+                query_emb = self.query_tower(**inputs).float().numpy()  # [b, d]
+            excl = []
+            for j in range(len(hs)):
+                e = exclude[s + j] if per_query else exclude
+                if e is None:
+                    excl.append(np.zeros(0, dtype=np.int64))
+                elif isinstance(e, str):
+                    if e != "history":
+                        raise ValueError(f"exclude must be 'history', a list or None, got {e!r}")
+                    excl.append(known[j])
+                else:
+                    rows = self.rows_of(list(e)) if len(e) else np.zeros(0, dtype=np.int64)
+                    excl.append(rows[rows >= 0])
+            for j, (rows, scores) in enumerate(self._search(query_emb, k, excl)):
+                results.append(self._result(rows, scores, unknown[j], notes[j]))
+        return results
+
+    def recommend(
+        self,
+        history: list[str],
+        k: int = 10,
+        exclude: Exclude = None,
+        context: dict | None = None,
+    ) -> Recommendations:
+        """The next tracks for a listening history.
+
+        Args:
+            history: Track ids, oldest first (only the last ``history_len`` known ones count).
+            k: Number of recommendations.
+            exclude: ``"history"`` (never recommend a track of the history), a list of track
+                ids, or None.
+            context: Optional ``{"hour": 0..23, "context_type": str, "user": str}``; values the
+                model does not use or does not know are listed in ``notes``.
+
+        Returns:
+            Ids, titles, artists, scores (best first) and the history ids that were unknown.
+        """
+        return self.recommend_batch([history], k, exclude, [context])[0]
+
+    def similar_tracks(self, track_id: str, k: int = 10) -> Recommendations:
+        """Tracks whose vectors are closest to ``track_id``'s (the track itself excluded).
+
+        Raises:
+            UnknownTrackError: ``track_id`` is not in the catalogue (a KeyError).
+        """
+        row = int(self.rows_of([track_id])[0])
+        if row < 0:
+            raise UnknownTrackError(f"unknown track id {track_id!r}: not in this catalogue")
+        vec = np.asarray(self.item_emb[row : row + 1], dtype=np.float32)  # [1, d]
+        rows, scores = self._search(vec, k, [np.array([row])])[0]
+        return self._result(rows, scores, [], [])
+
+
+def _text(items: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in items.columns:
+        return np.full(len(items), "", dtype=object)
+    s = items[col]
+    return s.astype(object).where(s.notna(), "").astype(str).to_numpy(object)
+
+
+# ---------------------------------------------------------------------------------- CLI
+def cli_main(args: argparse.Namespace) -> int:
+    """``twotower recommend`` and ``twotower similar`` (see ``twotower/cli.py``)."""
+    try:
+        retriever = Retriever.load(args.artifacts)
+        if args.command == "similar":
+            rec = retriever.similar_tracks(args.track, k=args.k)
+            print(f"tracks similar to {args.track}:")
+            print(rec.format())
+            return 0
+        if getattr(args, "split_out", None):
+            n = write_split_recommendations(retriever, args.split_out, k=args.k)
+            print(f"wrote top-{args.k} of {n} test queries to {args.split_out}")
+            return 0
+        history = [h.strip() for h in args.history.split(",") if h.strip()]
+        exclude = "history" if retriever.filter_seen else None
+        rec = retriever.recommend(history, k=args.k, exclude=exclude)
+    except (KeyError, ArtifactError) as e:
+        print(f"twotower {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if rec.unknown:
+        print(f"unknown track ids (not used): {', '.join(rec.unknown)}", file=sys.stderr)
+    if not history or len(rec.unknown) == len(set(history)):
+        print(
+            "note: no known track in the history; these are the model's defaults", file=sys.stderr
+        )
+    print(rec.format())
+    return 0
+
+
+def write_split_recommendations(
+    retriever: Retriever, out: str | Path, k: int = 10, split: str = "test"
+) -> int:
+    """Top-``k`` of every query of a split (rebuilt from the export's data) to Parquet.
+
+    Columns: query (row of the split), user_id, target, rank, track_id, score.
+
+    Returns:
+        The number of queries.
+
+    Raises:
+        ArtifactError: The export does not record its data, or the data changed since.
+    """
+    from twotower.data.datamodule import left_pad_last
+    from twotower.data.pipeline import DataConfig, prepare_data
+
+    data_info = retriever.manifest.get("data") or {}
+    dm_hp = data_info.get("datamodule")
+    if not dm_hp:
+        raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
+    fields = DataConfig.__dataclass_fields__
+    data = prepare_data(DataConfig(**{k_: v for k_, v in dm_hp.items() if k_ in fields}))
+    if data.fingerprint != data_info.get("fingerprint"):
+        raise ArtifactError(
+            f"{retriever.path}: the data changed since export (fingerprint "
+            f"{data.fingerprint[:12]} != {str(data_info.get('fingerprint'))[:12]})"
+        )
+    ev = getattr(data, split)
+    hist = left_pad_last(ev.history, ev.offsets, retriever.history_len)  # [Q, L]
+    cfg = retriever.config
+    inputs = {"history": torch.from_numpy(hist)}
+    if cfg.get("num_users", 0) > 0:
+        inputs["users"] = torch.from_numpy(ev.users.astype(np.int64))
+    if cfg.get("use_hour", False):
+        inputs["hours"] = torch.from_numpy(ev.hours.astype(np.int64))
+    if cfg.get("num_contexts", 0) > 0:
+        inputs["contexts"] = torch.from_numpy(ev.contexts.astype(np.int64))
+    users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
+    targets = np.asarray(["<pad>", "<oov>", *data.item_vocab.ids], dtype=object)
+    query_of, ranks, rows_all, scores_all = [], [], [], []
+    for s in range(0, len(hist), 4096):
+        sl = slice(s, s + 4096)
+        with torch.inference_mode():
+            q = retriever.query_tower(**{n: t[sl] for n, t in inputs.items()}).float().numpy()
+        excl = [np.zeros(0, dtype=np.int64)] * len(q)
+        if retriever.filter_seen:
+            excl = [
+                ev.seen[ev.seen_offsets[i] : ev.seen_offsets[i + 1]] - 2
+                for i in range(s, s + len(q))
+            ]
+        for j, (rows, scores) in enumerate(retriever._search(q, k, excl)):
+            query_of.append(np.full(len(rows), s + j, dtype=np.int64))
+            ranks.append(np.arange(1, len(rows) + 1, dtype=np.int64))
+            rows_all.append(rows)
+            scores_all.append(scores)
+    query = np.concatenate(query_of) if query_of else np.zeros(0, np.int64)
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+    table = pd.DataFrame(
+        {
+            "query": query,
+            "user_id": pd.Series(users[ev.users[query]], dtype="string"),
+            "target": pd.Series(targets[ev.targets[query]], dtype="string"),
+            "rank": np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
+            "track_id": pd.Series(retriever.ids[rows], dtype="string"),
+            "score": np.concatenate(scores_all).astype(np.float32)
+            if scores_all
+            else np.zeros(0, np.float32),
+        }
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    return len(hist)
