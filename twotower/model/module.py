@@ -1,0 +1,427 @@
+"""The LightningModule: both towers, the retrieval loss, full-catalogue validation, logging."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from twotower.model.loss import RetrievalLoss
+from twotower.model.towers import ItemTower, QueryTower
+
+VAL_KS = (10, 20)
+MONITOR = "val/ndcg@10"
+
+
+class TwoTowerModule(pl.LightningModule):
+    """Two-tower retrieval model trained on sequences (a query at every position).
+
+    The first block of arguments is the model config; the ``num_*``/``max_genres`` sizes come
+    from the data (linked from :class:`~twotower.data.datamodule.SessionDataModule` by the CLI)
+    and are saved in the checkpoint, so :meth:`load_from_checkpoint` needs no data.
+
+    Args:
+        dim: Size of query and item vectors.
+        id_dim: Item-id embedding size (encoder width).
+        encoder: ``mean`` | ``gru`` | ``transformer``.
+        num_layers: Encoder layers.
+        num_heads: Attention heads.
+        dropout: Dropout in the query tower.
+        max_len: Longest history (the CLI links it to ``data.window``).
+        use_user: Add a user-id embedding to the query.
+        use_context: Add hour of day and context type of the request to the query.
+        use_item_features: Use the side features (artist, album, genres, year, audio) in the
+            item tower; False = id embedding only.
+        query_hidden: Hidden width of the query tower's output MLP (0 = one linear layer).
+        item_hidden: Hidden width of the item tower's output MLP (0 = one linear layer).
+        item_dropout: Dropout in the item tower's MLP.
+        ffn_mult: Transformer feed-forward width as a multiple of ``id_dim``.
+        temperature: Softmax temperature (initial value when learned).
+        learn_temperature: Learn the temperature (clamped to [0.01, 1]).
+        num_negatives: Uniformly sampled extra negatives per step (sampled softmax).
+        logq: logQ correction of the sampled softmax.
+        full_softmax: Score the whole catalogue in the loss (small catalogues).
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW weight decay of matrices (not of biases, norms, temperature).
+        warmup_steps: Linear warm-up steps.
+        lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the run) after warm-up.
+        compile: ``torch.compile`` the query encoder for training.
+        projector_items: Most popular items written to the TensorBoard projector at the end of
+            fit (0 = off).
+        num_items: Item vocabulary size (data).
+        num_users: User vocabulary size (data).
+        num_contexts: Context-type vocabulary size (data).
+        num_artists: Artist vocabulary size (data, 0 = none).
+        num_albums: Album vocabulary size (data, 0 = none).
+        num_genres: Genre vocabulary size (data, 0 = none).
+        num_year_buckets: Year buckets (data, 0 = none).
+        num_audio: Numeric audio features (data, 0 = none).
+        max_genres: Genres per item in the feature table (data).
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        id_dim: int = 64,
+        encoder: str = "transformer",
+        num_layers: int = 2,
+        num_heads: int = 2,
+        dropout: float = 0.2,
+        max_len: int = 50,
+        use_user: bool = False,
+        use_context: bool = False,
+        use_item_features: bool = True,
+        query_hidden: int = 0,
+        item_hidden: int = 0,
+        item_dropout: float = 0.0,
+        ffn_mult: int = 4,
+        temperature: float = 0.05,
+        learn_temperature: bool = False,
+        num_negatives: int = 0,
+        logq: bool = True,
+        full_softmax: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        compile: bool = False,
+        projector_items: int = 500,
+        num_items: int = 3,
+        num_users: int = 0,
+        num_contexts: int = 0,
+        num_artists: int = 0,
+        num_albums: int = 0,
+        num_genres: int = 0,
+        num_year_buckets: int = 0,
+        num_audio: int = 0,
+        max_genres: int = 1,
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.save_hyperparameters()
+        self.query_tower = QueryTower(
+            num_items=num_items,
+            dim=dim,
+            id_dim=id_dim,
+            encoder=encoder,
+            max_len=max_len,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            dropout=dropout,
+            num_users=num_users if use_user else 0,
+            num_contexts=num_contexts if use_context else 0,
+            use_hour=use_context,
+            mlp_hidden=query_hidden,
+            ffn_mult=ffn_mult,
+        )
+        side = use_item_features
+        self.item_tower = ItemTower(
+            self.query_tower.item_embedding,
+            dim=dim,
+            num_artists=num_artists if side else 0,
+            num_albums=num_albums if side else 0,
+            num_genres=num_genres if side else 0,
+            num_year_buckets=num_year_buckets if side else 0,
+            num_audio=num_audio if side else 0,
+            hidden=item_hidden,
+            dropout=item_dropout,
+            max_genres=max_genres,
+        )
+        self.loss_fn = RetrievalLoss(
+            num_items,
+            temperature=temperature,
+            learn_temperature=learn_temperature,
+            num_negatives=num_negatives,
+            logq=logq,
+            full_softmax=full_softmax,
+        )
+        self._sequence_fn = self.query_tower.forward_sequence
+        self._val_ranks: list[Tensor] = []
+        self._val_item_emb: Tensor | None = None
+        self._last_batch_end: float | None = None
+        self._epoch_start = 0.0
+        self._epoch_examples = 0
+        self.throughput = float("nan")
+        self._fit_start: float | None = None
+        self.train_seconds = 0.0
+        self.data_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """Fill feature buffers and logQ counts from the datamodule (when there is one)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "data"):
+            return
+        data = dm.data
+        if data.num_items != self.hparams.num_items:
+            raise ValueError(
+                f"the model was built for {self.hparams.num_items} items but the data has "
+                f"{data.num_items}: link model sizes to the datamodule (train.py does)"
+            )
+        window = getattr(dm, "window", self.hparams.max_len)
+        if window > self.hparams.max_len:
+            raise ValueError(f"data.window={window} > model.max_len={self.hparams.max_len}")
+        self.item_tower.set_features(data.features)
+        self.loss_fn.set_counts(data.item_counts)
+        self.data_info = {
+            "item_vocab": list(data.item_vocab.ids),
+            "user_vocab": list(data.user_vocab.ids),
+            "context_vocab": list(data.context_vocab.ids),
+            "fingerprint": str(data.fingerprint),
+            "filter_seen": bool(data.params.get("filter_seen", False)),
+        }
+        if self.hparams.compile and stage == "fit":
+            # dynamic: batches are trimmed to their longest window, so lengths vary
+            self._sequence_fn = torch.compile(self.query_tower.forward_sequence, dynamic=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store vocabularies, data fingerprint and training time (all plain types)."""
+        checkpoint["twotower"] = dict(self.data_info)
+        checkpoint["train_seconds"] = float(self._elapsed())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` stored."""
+        self.data_info = dict(checkpoint.get("twotower") or {})
+        self.train_seconds = float(checkpoint.get("train_seconds") or 0.0)
+
+    def _elapsed(self) -> float:
+        if self._fit_start is None:
+            return self.train_seconds
+        return self.train_seconds + time.perf_counter() - self._fit_start
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        history: Tensor,
+        users: Tensor | None = None,
+        hours: Tensor | None = None,
+        contexts: Tensor | None = None,
+    ) -> Tensor:
+        """Query vectors ``[B, dim]`` for left-padded histories ``[B, L]``."""
+        return self.query_tower(history, users, hours, contexts)
+
+    @torch.no_grad()
+    def item_embeddings(self, chunk: int = 65536) -> Tensor:
+        """Vectors of every item index ``[V, dim]`` (rows 0/1 are pad/OOV)."""
+        n = self.hparams.num_items
+        ids = torch.arange(n, device=self.device)
+        return torch.cat([self.item_tower(ids[s : s + chunk]) for s in range(0, n, chunk)])
+
+    # ------------------------------------------------------------------ training
+    def _negatives(self) -> Tensor | None:
+        neg = self.loss_fn.sample_negatives()
+        if neg is None:
+            return None
+        neg = neg.to(self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(neg, src=0)  # the same sampled candidates on every rank
+        return neg
+
+    def sequence_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Loss of a batch of windows and its number of examples (predicted positions).
+
+        Args:
+            batch: ``items``, ``hours``, ``contexts`` ``[B, L+1]`` and ``users`` ``[B]``.
+        """
+        items, hours, contexts = batch["items"], batch["hours"], batch["contexts"]  # [B, L+1]
+        # Drop the padding columns the whole batch shares (left padding: a prefix); the
+        # towers are padding-invariant, so this changes nothing but the cost.
+        first = int((items != 0).any(dim=0).long().argmax())
+        if first > 0:
+            items, hours, contexts = items[:, first:], hours[:, first:], contexts[:, first:]
+        inputs, targets = items[:, :-1], items[:, 1:]  # [B, L'], [B, L']
+        queries = self._sequence_fn(
+            inputs, batch["users"], hours[:, 1:], contexts[:, 1:]
+        )  # [B, L', dim]
+        valid = (inputs != 0) & (targets > 1)  # [B, L'] a history and a known target
+        loss = self.loss_fn(queries[valid], targets[valid], self.item_tower, self._negatives())
+        return loss, int(valid.sum())
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Sequence-wise step: a query at every input position predicts the next item."""
+        loss, n = self.sequence_loss(batch)
+        self._examples = n
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/temperature", self.loss_fn.temperature.detach(), batch_size=n)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the step's randomness (dropout, sampled negatives).
+
+        The seed depends only on ``(seed_everything, global step, rank)``, so a run resumed
+        from a checkpoint continues exactly as an uninterrupted run.
+        """
+        base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed((base * 1_000_003 + self.global_step) * 1009 + self.global_rank)
+
+    def on_train_epoch_start(self) -> None:
+        """Start the epoch's throughput clock."""
+        self._epoch_examples = 0
+        self._epoch_start = time.perf_counter()
+        self._last_batch_end = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Count the examples (predicted positions) of the step."""
+        self._epoch_examples += getattr(self, "_examples", 0)
+        self._last_batch_end = time.perf_counter()
+
+    def on_train_epoch_end(self) -> None:
+        """Log examples/s over the epoch's training batches (data loading included)."""
+        if self._last_batch_end is None:
+            return
+        seconds = max(self._last_batch_end - self._epoch_start, 1e-9)
+        self.throughput = self._epoch_examples * self.trainer.world_size / seconds
+        self.log("train/examples_per_s", self.throughput)
+
+    def on_fit_start(self) -> None:
+        """Start the wall clock; register hparams with their metrics for TensorBoard."""
+        self._fit_start = time.perf_counter()
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                self.hparams, {"hp/ndcg@10": float("nan"), "hp/recall@10": float("nan")}
+            )
+
+    def on_fit_end(self) -> None:
+        """Close the clock; write the final metrics and the embedding projector."""
+        self.train_seconds = self._elapsed()
+        self._fit_start = None
+        if self.trainer.is_global_zero:
+            self._write_projector()
+
+    # ------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        """Item vectors of the whole catalogue, computed once per validation."""
+        self._val_item_emb = self.item_embeddings().float()
+        self._val_ranks = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _ranks(self, batch: dict[str, Tensor]) -> Tensor:
+        from twotower.metrics import rank_of_targets
+
+        query_emb = self.query_tower(
+            batch["history"], batch["users"], batch["hours"], batch["contexts"]
+        ).float()  # [b, dim]
+        exclude = None
+        if "seen_values" in batch:
+            exclude = (batch["seen_values"].cpu().numpy(), batch["seen_offsets"].cpu().numpy())
+        assert self._val_item_emb is not None
+        return rank_of_targets(query_emb, self._val_item_emb, batch["targets"], exclude)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Full-catalogue ranks of the targets."""
+        self._val_ranks.append(self._ranks(batch))
+
+    test_step = validation_step
+
+    def _epoch_metrics(self, prefix: str) -> dict[str, float]:
+        from twotower.metrics import metrics_from_ranks
+
+        ranks = torch.cat(self._val_ranks) if self._val_ranks else torch.zeros(0, dtype=torch.long)
+        if self.trainer.world_size > 1:
+            ranks = self.all_gather(ranks).reshape(-1)
+        metrics = metrics_from_ranks(ranks.cpu(), VAL_KS)
+        self._val_ranks = []
+        self._val_item_emb = None
+        keep = [f"{m}@{k}" for k in VAL_KS for m in ("recall", "ndcg", "mrr", "hr")]
+        return {f"{prefix}/{k}": metrics[k] for k in keep}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log recall/ndcg/mrr/hr@10,20, the hparams metrics and embedding-norm histograms."""
+        metrics = self._epoch_metrics("val")
+        ndcg = metrics.pop(MONITOR)
+        self.log_dict(metrics)
+        self.log(MONITOR, ndcg, prog_bar=True)
+        self.log("hp/ndcg@10", ndcg)
+        self.log("hp/recall@10", metrics["val/recall@10"])
+        if not self.trainer.sanity_checking:
+            self._log_histograms()
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test metrics."""
+        self.log_dict(self._epoch_metrics("test"))
+
+    # ------------------------------------------------------------------ TensorBoard extras
+    def _tensorboard(self) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
+        return exp if isinstance(exp, SummaryWriter) else None
+
+    def _log_histograms(self) -> None:
+        tb = self._tensorboard()
+        if tb is None or not self.trainer.is_global_zero:
+            return
+        w = self.query_tower.item_embedding.weight.detach()[2:].float()
+        tb.add_histogram("embeddings/item_id_norm", w.norm(dim=1).cpu(), self.global_step)
+        if self.query_tower.user_embedding is not None:
+            u = self.query_tower.user_embedding.weight.detach()[2:].float()
+            tb.add_histogram("embeddings/user_norm", u.norm(dim=1).cpu(), self.global_step)
+
+    def _write_projector(self) -> None:
+        tb = self._tensorboard()
+        n = int(self.hparams.projector_items)
+        dm = getattr(self.trainer, "datamodule", None)
+        if tb is None or n <= 0 or dm is None:
+            return
+        data = dm.data
+        counts = np.asarray(data.item_counts).copy()
+        counts[:2] = -1
+        top = np.argsort(-counts, kind="stable")[: min(n, data.num_items - 2)]
+        self.eval()
+        emb = self.item_tower(torch.as_tensor(top, device=self.device)).detach().float().cpu()
+        tracks = data.tracks
+        labels = []
+        for i in top:
+            row = tracks.iloc[int(i)] if int(i) < len(tracks) else None
+            title = _text(row, "title") or _text(row, "track_id") or f"item {int(i)}"
+            artist = _text(row, "artist")
+            labels.append(f"{title} — {artist}" if artist else title)
+        tb.add_embedding(emb, metadata=labels, tag="items", global_step=self.global_step)
+        tb.flush()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        """AdamW (decay on matrices only) with linear warm-up, then constant or cosine."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        warmup = max(int(self.hparams.warmup_steps), 0)
+        cosine = self.hparams.lr_schedule == "cosine"
+        total = int(self.trainer.estimated_stepping_batches) if cosine else 0
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if cosine and total > warmup:
+                progress = min((step - warmup) / (total - warmup), 1.0)
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _text(row: Any, col: str) -> str:
+    if row is None or col not in row.index:
+        return ""
+    value = row[col]
+    return "" if pd.isna(value) else str(value)

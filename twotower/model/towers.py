@@ -1,0 +1,457 @@
+"""The two towers as plain ``nn.Module``s (no Lightning): usable standalone by export and serving.
+
+* :class:`QueryTower` encodes a left-padded listening history (plus optional user and context)
+  into an L2-normalised query vector. It owns the item-id embedding table.
+* :class:`ItemTower` encodes item ids (id embedding shared with the query tower + side features
+  stored as buffers) into L2-normalised item vectors of the same size.
+
+Padding convention: histories are **left-padded** with item index 0; index 1 is OOV.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ENCODERS = ("mean", "gru", "transformer")
+NUM_HOURS = 24
+
+
+def _hour_index(hours: Tensor) -> Tensor:
+    """Hour of day ``-1..23`` -> embedding index ``0..24`` (0 = unknown)."""
+    return (hours.long() + 1).clamp(0, NUM_HOURS)
+
+
+def _head(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
+    """Projection to the output size: one linear layer (``hidden=0``) or a 2-layer MLP."""
+    if hidden <= 0:
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
+    )
+
+
+class CausalSelfAttentionBlock(nn.Module):
+    """Pre-LN transformer block: ``x + MHA(LN(x))`` then ``x + FFN(LN(x))``.
+
+    Args:
+        d: Model width.
+        num_heads: Attention heads (``d`` must be divisible by it).
+        dropout: Dropout on the residual branches (none on the attention weights: on CPU it
+            forces the slow attention path and costs more than it helps).
+        ffn_mult: Feed-forward width as a multiple of ``d``.
+    """
+
+    def __init__(self, d: int, num_heads: int, dropout: float, ffn_mult: int = 4) -> None:
+        super().__init__()
+        if d % num_heads:
+            raise ValueError(f"id_dim={d} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """Apply the block.
+
+        Args:
+            x: Inputs ``[B, L, d]``.
+            allowed: Boolean attention mask ``[B, 1, L, L]``, True where query ``i`` may attend
+                to key ``j``.
+
+        Returns:
+            ``[B, L, d]``.
+        """
+        b, length, d = x.shape
+        h = self.ln1(x)
+        q, k, v = self.qkv(h).view(b, length, 3, self.num_heads, d // self.num_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d/H]
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [B, H, L, d/H]
+        att = att.transpose(1, 2).reshape(b, length, d)  # [B, L, d]
+        x = x + self.drop(self.proj(att))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class QueryTower(nn.Module):
+    """History (+ user, hour, context) -> L2-normalised query vector.
+
+    Args:
+        num_items: Item vocabulary size including pad (0) and OOV (1).
+        dim: Output size (shared with the item tower).
+        id_dim: Item-id embedding size (also the encoder width).
+        encoder: ``"mean"`` (causal running mean), ``"gru"`` or ``"transformer"`` (causal, pre-LN,
+            learned positions).
+        max_len: Longest history the encoder sees (older events are cut off).
+        num_layers: Transformer blocks or GRU layers.
+        num_heads: Attention heads (transformer).
+        dropout: Dropout in the encoder and the head.
+        num_users: User vocabulary size; 0 disables the user embedding.
+        num_contexts: Context-type vocabulary size; 0 disables it.
+        use_hour: Add an hour-of-day embedding of the request (the target event).
+        mlp_hidden: Hidden width of the output MLP; 0 = a single linear projection.
+        ffn_mult: Transformer feed-forward width as a multiple of ``id_dim``.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        dim: int = 64,
+        id_dim: int = 64,
+        encoder: str = "transformer",
+        max_len: int = 50,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        dropout: float = 0.1,
+        num_users: int = 0,
+        num_contexts: int = 0,
+        use_hour: bool = False,
+        mlp_hidden: int = 0,
+        ffn_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if num_items < 3:
+            raise ValueError(f"num_items={num_items}: need pad, OOV and at least one item")
+        self._config: dict[str, Any] = {
+            "num_items": int(num_items),
+            "dim": int(dim),
+            "id_dim": int(id_dim),
+            "encoder": str(encoder),
+            "max_len": int(max_len),
+            "num_layers": int(num_layers),
+            "num_heads": int(num_heads),
+            "dropout": float(dropout),
+            "num_users": int(num_users),
+            "num_contexts": int(num_contexts),
+            "use_hour": bool(use_hour),
+            "mlp_hidden": int(mlp_hidden),
+            "ffn_mult": int(ffn_mult),
+        }
+        self.encoder = encoder
+        self.max_len = max_len
+        self.id_dim = id_dim
+        self.item_embedding = nn.Embedding(num_items, id_dim, padding_idx=0)
+        nn.init.normal_(self.item_embedding.weight, std=id_dim**-0.5)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+        self.input_dropout = nn.Dropout(dropout)
+        if encoder == "transformer":
+            self.position_embedding = nn.Embedding(max_len, id_dim)
+            nn.init.normal_(self.position_embedding.weight, std=id_dim**-0.5)
+            self.blocks = nn.ModuleList(
+                CausalSelfAttentionBlock(id_dim, num_heads, dropout, ffn_mult)
+                for _ in range(num_layers)
+            )
+            self.final_norm = nn.LayerNorm(id_dim)
+        elif encoder == "gru":
+            self.gru = nn.GRU(
+                id_dim,
+                id_dim,
+                num_layers=num_layers,
+                batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,
+            )
+        in_dim = id_dim
+        self.user_embedding = None
+        if num_users > 0:
+            self.user_embedding = nn.Embedding(num_users, id_dim, padding_idx=0)
+            in_dim += id_dim
+        self.hour_embedding = None
+        if use_hour:
+            self.hour_embedding = nn.Embedding(NUM_HOURS + 1, id_dim, padding_idx=0)
+            in_dim += id_dim
+        self.context_embedding = None
+        if num_contexts > 0:
+            self.context_embedding = nn.Embedding(num_contexts, id_dim, padding_idx=0)
+            in_dim += id_dim
+        self.head = _head(in_dim, mlp_hidden, dim, dropout)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable): ``QueryTower(**tower.config)`` rebuilds it."""
+        return dict(self._config)
+
+    # ------------------------------------------------------------------ sequence encoders
+    def encode(self, items: Tensor) -> Tensor:
+        """Causal encoder states: position ``t`` summarises events ``<= t``.
+
+        Args:
+            items: Left-padded item indices ``[B, L]`` (0 = pad).
+
+        Returns:
+            ``[B, L, id_dim]``; zeros at pad positions (never used as queries).
+        """
+        real = items != 0  # [B, L]
+        x = self.item_embedding(items)  # [B, L, id_dim]
+        if self.encoder == "mean":
+            x = self.input_dropout(x)
+            total = x.cumsum(dim=1)  # [B, L, id_dim]
+            count = real.to(x.dtype).cumsum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, L, 1]
+            states = total / count
+        elif self.encoder == "gru":
+            states = self._encode_gru(self.input_dropout(x), real)
+        else:
+            states = self._encode_transformer(x, real)
+        return states * real.unsqueeze(-1).to(states.dtype)
+
+    def _encode_transformer(self, x: Tensor, real: Tensor) -> Tensor:
+        length = x.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} > max_len {self.max_len}")
+        # Position 0 = first real event of the window: independent of the amount of padding.
+        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
+        x = x * math.sqrt(self.id_dim) + self.position_embedding(positions)  # [B, L, id_dim]
+        x = self.input_dropout(x) * real.unsqueeze(-1).to(x.dtype)
+        ar = torch.arange(length, device=x.device)
+        causal = ar.unsqueeze(1) >= ar.unsqueeze(0)  # [L, L] (no tril/eye: ONNX-friendly)
+        eye = ar.unsqueeze(1) == ar.unsqueeze(0)  # [L, L]
+        # Query i attends to real keys j <= i; a pad query attends to itself only (no NaN rows).
+        allowed = (causal & real.unsqueeze(1)) | eye  # [B, L, L]
+        allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
+        for block in self.blocks:
+            x = block(x, allowed)  # [B, L, id_dim]
+        return self.final_norm(x)
+
+    def _encode_gru(self, x: Tensor, real: Tensor) -> Tensor:
+        # Move the real events to the front (right padding) so the GRU state at each real
+        # position has seen real events only; then move the outputs back.
+        length = x.shape[1]
+        pad = (~real).sum(dim=1, keepdim=True)  # [B, 1]
+        ar = torch.arange(length, device=x.device).unsqueeze(0)  # [1, L]
+        to_front = ((ar + pad) % length).unsqueeze(-1).expand(-1, -1, x.shape[2])  # [B, L, d]
+        out, _ = self.gru(x.gather(1, to_front))  # [B, L, id_dim]
+        back = ((ar - pad) % length).unsqueeze(-1).expand(-1, -1, out.shape[2])  # [B, L, d]
+        return out.gather(1, back)
+
+    # ------------------------------------------------------------------ queries
+    def _combine(
+        self,
+        states: Tensor,
+        users: Tensor | None,
+        hours: Tensor | None,
+        contexts: Tensor | None,
+    ) -> Tensor:
+        """Concatenate encoder states ``[..., id_dim]`` with side inputs, project, normalise."""
+        parts = [states]
+        lead = states.shape[:-1]
+        if self.user_embedding is not None:
+            if users is None:
+                users = torch.zeros(lead[0], dtype=torch.long, device=states.device)
+            u = self.user_embedding(users)  # [B, id_dim]
+            parts.append(u.view(lead[0], *([1] * (len(lead) - 1)), -1).expand(*lead, -1))
+        if self.hour_embedding is not None:
+            h = torch.full(lead, -1, device=states.device) if hours is None else hours
+            parts.append(self.hour_embedding(_hour_index(h).expand(lead)))
+        if self.context_embedding is not None:
+            c = torch.zeros(lead, dtype=torch.long, device=states.device)
+            parts.append(self.context_embedding(c if contexts is None else contexts.expand(lead)))
+        x = torch.cat(parts, dim=-1) if len(parts) > 1 else states
+        return F.normalize(self.head(x), dim=-1)
+
+    def forward_sequence(
+        self,
+        items: Tensor,
+        users: Tensor | None = None,
+        hours: Tensor | None = None,
+        contexts: Tensor | None = None,
+    ) -> Tensor:
+        """A query at every position (training): position ``t`` sees events ``<= t`` only.
+
+        Args:
+            items: Left-padded item indices ``[B, L]``.
+            users: User indices ``[B]`` (0 = unknown) or None.
+            hours: Hour of day (``-1`` unknown) of the event to predict at each position,
+                ``[B, L]``, or None.
+            contexts: Context-type index of the event to predict, ``[B, L]``, or None.
+
+        Returns:
+            L2-normalised queries ``[B, L, dim]``.
+        """
+        return self._combine(self.encode(items), users, hours, contexts)
+
+    def forward(
+        self,
+        history: Tensor,
+        users: Tensor | None = None,
+        hours: Tensor | None = None,
+        contexts: Tensor | None = None,
+    ) -> Tensor:
+        """The query for the next item after the last event of ``history``.
+
+        Args:
+            history: Left-padded item indices ``[B, L]`` (longer than ``max_len``: the most
+                recent ``max_len`` are used).
+            users: User indices ``[B]`` or None.
+            hours: Hour of day of the request ``[B]`` (``-1`` unknown) or None.
+            contexts: Context-type index of the request ``[B]`` or None.
+
+        Returns:
+            L2-normalised queries ``[B, dim]``.
+        """
+        if history.shape[1] > self.max_len:
+            history = history[:, -self.max_len :]
+        if history.shape[1] == 0:
+            history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
+        states = self.encode(history)[:, -1]  # [B, id_dim]
+        return self._combine(states, users, hours, contexts)
+
+
+class ItemTower(nn.Module):
+    """Item ids -> L2-normalised item vectors from the shared id embedding and side features.
+
+    Side features live in buffers indexed by item (``artist [V]``, ``album [V]``, ``genres
+    [V, G]``, ``year [V]``, ``audio [V, F]``), filled by :meth:`set_features`, so ``forward``
+    takes only ids and the features travel with the state dict.
+
+    Args:
+        id_embedding: The item-id embedding (owned by the :class:`QueryTower`).
+        dim: Output size.
+        num_artists: Artist vocabulary size (0 disables).
+        num_albums: Album vocabulary size (0 disables).
+        num_genres: Genre vocabulary size (0 disables).
+        num_year_buckets: Year buckets (0 disables).
+        num_audio: Numeric audio features per item (0 disables).
+        hidden: Hidden width of the output MLP; 0 = a single linear projection.
+        dropout: Dropout in the MLP.
+        max_genres: Genres per item ``G`` (the buffer width; resized by :meth:`set_features`).
+        feature_dim: Embedding size of each side feature (default ``id_dim // 2``).
+    """
+
+    def __init__(
+        self,
+        id_embedding: nn.Embedding,
+        dim: int = 64,
+        num_artists: int = 0,
+        num_albums: int = 0,
+        num_genres: int = 0,
+        num_year_buckets: int = 0,
+        num_audio: int = 0,
+        hidden: int = 0,
+        dropout: float = 0.0,
+        max_genres: int = 1,
+        feature_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.id_embedding = id_embedding
+        num_items, id_dim = id_embedding.weight.shape
+        fd = feature_dim or max(id_dim // 2, 1)
+        in_dim = id_dim
+        emb = nn.Embedding
+        self.artist_embedding = emb(num_artists, fd, padding_idx=0) if num_artists else None
+        self.album_embedding = emb(num_albums, fd, padding_idx=0) if num_albums else None
+        self.genre_embedding = (
+            nn.EmbeddingBag(num_genres, fd, mode="mean", padding_idx=0) if num_genres else None
+        )
+        self.year_embedding = emb(num_year_buckets, fd, padding_idx=0) if num_year_buckets else None
+        self.audio_projection = nn.Linear(num_audio, fd) if num_audio else None
+        for m in (
+            self.artist_embedding,
+            self.album_embedding,
+            self.genre_embedding,
+            self.year_embedding,
+            self.audio_projection,
+        ):
+            if m is not None:
+                in_dim += fd
+        self.register_buffer("artist", torch.zeros(num_items, dtype=torch.long))
+        self.register_buffer("album", torch.zeros(num_items, dtype=torch.long))
+        self.register_buffer("genres", torch.zeros(num_items, max(max_genres, 1), dtype=torch.long))
+        self.register_buffer("year", torch.zeros(num_items, dtype=torch.long))
+        self.register_buffer("audio", torch.zeros(num_items, max(num_audio, 0)))
+        self.head = _head(in_dim, hidden, dim, dropout)
+
+    @property
+    def has_side_features(self) -> bool:
+        """Whether any side feature is enabled."""
+        return any(
+            m is not None
+            for m in (
+                self.artist_embedding,
+                self.album_embedding,
+                self.genre_embedding,
+                self.year_embedding,
+                self.audio_projection,
+            )
+        )
+
+    def set_features(self, features: Any) -> None:
+        """Fill the feature buffers from an :class:`~twotower.data.prepared.ItemFeatures`.
+
+        Raises:
+            ValueError: The feature tables do not have one row per item, or hold indices beyond
+                the sizes this tower was built with.
+        """
+        n = self.id_embedding.num_embeddings
+        checks = (
+            ("artist", self.artist_embedding, features.artist),
+            ("album", self.album_embedding, features.album),
+            ("genres", self.genre_embedding, features.genres),
+            ("year", self.year_embedding, features.year),
+        )
+        for name, emb, arr in checks:
+            arr = np.asarray(arr)
+            if arr.shape[0] != n:
+                raise ValueError(f"item feature {name!r} has {arr.shape[0]} rows, expected {n}")
+            if emb is not None and arr.size and int(arr.max()) >= emb.num_embeddings:
+                raise ValueError(
+                    f"item feature {name!r} holds index {int(arr.max())} >= table size "
+                    f"{emb.num_embeddings}"
+                )
+        audio = np.asarray(features.audio, dtype=np.float32).reshape(n, -1)
+        proj = self.audio_projection
+        if proj is not None and audio.shape[1] != proj.in_features:
+            raise ValueError(f"{audio.shape[1]} audio features, tower built for {proj.in_features}")
+        genres = np.asarray(features.genres, dtype=np.int64).reshape(n, -1)
+        if genres.shape[1] == 0:
+            genres = np.zeros((n, 1), dtype=np.int64)
+        dev = self.artist.device
+        self.artist = torch.as_tensor(np.asarray(features.artist, dtype=np.int64), device=dev)
+        self.album = torch.as_tensor(np.asarray(features.album, dtype=np.int64), device=dev)
+        self.genres = torch.as_tensor(genres, device=dev)
+        self.year = torch.as_tensor(np.asarray(features.year, dtype=np.int64), device=dev)
+        self.audio = torch.as_tensor(audio, device=dev)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
+        # Feature tables may differ in width from the constructor's guess: adopt the stored one.
+        for name in ("genres", "audio"):
+            key = prefix + name
+            if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.artist.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Item vectors.
+
+        Args:
+            ids: Item indices ``[N]`` (any shape ``[...]`` works).
+
+        Returns:
+            L2-normalised ``[N, dim]``.
+        """
+        shape = ids.shape
+        ids = ids.reshape(-1)
+        parts = [self.id_embedding(ids)]  # [N, id_dim]
+        if self.artist_embedding is not None:
+            parts.append(self.artist_embedding(self.artist[ids]))  # [N, fd]
+        if self.album_embedding is not None:
+            parts.append(self.album_embedding(self.album[ids]))  # [N, fd]
+        if self.genre_embedding is not None:
+            parts.append(self.genre_embedding(self.genres[ids]))  # [N, fd]
+        if self.year_embedding is not None:
+            parts.append(self.year_embedding(self.year[ids]))  # [N, fd]
+        if self.audio_projection is not None:
+            parts.append(self.audio_projection(self.audio[ids]))  # [N, fd]
+        x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        return F.normalize(self.head(x), dim=-1).reshape(*shape, -1)

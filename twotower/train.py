@@ -1,0 +1,286 @@
+"""Training entry point: a small ``LightningCLI`` and the typed :func:`fit` that tests call.
+
+``python train.py fit --config configs/default.yaml [--trainer.max_epochs 3] ...``
+
+Defaults: CUDA with ``bf16-mixed`` (and TF32 matmuls) when available, else CPU fp32 and
+deterministic algorithms; ``seed_everything: 0``; TensorBoard logs under ``runs/``;
+ModelCheckpoint on ``val/ndcg@10`` (max, plus ``last.ckpt``), EarlyStopping on the same metric,
+LR monitor. The resolved config is saved next to the logs (``config.yaml``). Data-derived model
+sizes are linked from the datamodule, and ``model.max_len`` from ``data.window``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from twotower.data.datamodule import SessionDataModule
+from twotower.model.module import MONITOR, TwoTowerModule
+
+#: Model constructor arguments that come from the data.
+DATA_SIZES = (
+    "num_items",
+    "num_users",
+    "num_contexts",
+    "num_artists",
+    "num_albums",
+    "num_genres",
+    "num_year_buckets",
+    "num_audio",
+    "max_genres",
+)
+
+
+def _sizes(dm: SessionDataModule) -> dict[str, int]:
+    return dm.model_sizes()
+
+
+def _size_getter(name: str) -> Any:
+    def get(dm: SessionDataModule) -> int:
+        return int(_sizes(dm)[name])
+
+    get.__name__ = f"data_{name}"
+    return get
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """Device-dependent trainer defaults (CUDA: bf16-mixed; CPU: fp32, deterministic)."""
+    cuda = torch.cuda.is_available()
+    return {
+        "accelerator": "auto",
+        "devices": "auto",
+        "precision": "bf16-mixed" if cuda else "32-true",
+        "deterministic": not cuda,
+        "max_epochs": 20,
+        "logger": {
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "twotower", "default_hp_metric": False},
+        },
+    }
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically and read without pickle.
+
+    Lightning's default writer truncates ``last.ckpt`` and then writes it, so a kill or a full
+    disk during saving leaves a corrupt "last" checkpoint. Here the checkpoint goes to a hidden
+    ``.NAME.<random>.tmp`` file in the same folder, is fsynced, and replaces ``NAME`` with
+    ``os.replace``: the previous file stays intact until the new one is complete. Reading
+    defaults to ``weights_only=True`` whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (temporary file, fsync, rename)."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            full = _disk_full_error(e)
+            if full is not None:
+                raise OSError(
+                    full.errno,
+                    f"could not write checkpoint {path}: {full.strerror} (disk full?); "
+                    f"the previous {path.name}, if any, is unchanged",
+                ) from e
+            raise
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # make the rename itself durable
+        finally:
+            os.close(fd)
+
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read a checkpoint; ``weights_only`` defaults to True (never unpickle objects)."""
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return super().load_checkpoint(
+            path, weights_only=True if weights_only is None else weights_only, **kwargs
+        )
+
+
+def _disk_full_error(e: BaseException | None) -> OSError | None:
+    """The out-of-space OSError behind ``e`` (torch's zip writer re-raises it as RuntimeError)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def resolve_last_checkpoint(config: Any) -> None:
+    """Make ``--ckpt_path last`` resume the newest run's ``last.ckpt``, in that run's folder.
+
+    Lightning looks for ``last.ckpt`` only in the checkpoint folder of the *new* run, which
+    the versioned TensorBoard logger makes a fresh ``version_N``: a resumed run would silently
+    start from scratch. When the checkpoint folder is not fixed (``checkpoint.dirpath``) and the
+    logger version is not given, this points ``ckpt_path`` at the newest
+    ``<save_dir>/<name>/version_*/checkpoints/last*.ckpt`` and reuses that version, so logs
+    and checkpoints continue where they stopped. Nothing found: left as is (Lightning warns
+    and starts from scratch).
+
+    Args:
+        config: The parsed config of the subcommand (changed in place).
+    """
+    if config.get("ckpt_path") != "last" or config.get("checkpoint.dirpath"):
+        return
+    logger = config.get("trainer.logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    if init is None or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        return
+    if init.get("version") is not None:
+        return
+    root = Path(init.get("save_dir") or "lightning_logs") / str(init.get("name") or "")
+    found = [p for p in root.glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    if not found:
+        return
+    last = max(found, key=lambda p: p.stat().st_mtime)
+    version = last.parent.parent.name
+    m = re.fullmatch(r"version_(\d+)", version)
+    init["version"] = int(m.group(1)) if m else version
+    config["ckpt_path"] = str(last)
+
+
+class TwoTowerCLI(LightningCLI):
+    """``LightningCLI(TwoTowerModule, SessionDataModule)`` with the callbacks and links."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("trainer_defaults", trainer_defaults())
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(TwoTowerModule, SessionDataModule, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Callbacks (configurable as ``checkpoint.*``, ``early_stopping.*``) and links."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": MONITOR,
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-epoch{epoch}-ndcg{val/ndcg@10:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": MONITOR,
+                "early_stopping.mode": "max",
+                "early_stopping.patience": 5,
+            }
+        )
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.link_arguments("data.window", "model.max_len", apply_on="parse")
+        for name in DATA_SIZES:
+            parser.link_arguments(
+                "data", f"model.{name}", compute_fn=_size_getter(name), apply_on="instantiate"
+            )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> pl.Trainer:
+        """Drop the callbacks that cannot work in this configuration.
+
+        No LR monitor without a logger, no checkpoint without checkpointing, no early stopping
+        without validation.
+        """
+        if config.get("limit_val_batches") == 0:
+            callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
+        if config.get("logger") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        plugins = config.get("plugins")
+        plugins = (
+            [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        )
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        """TF32/bf16-friendly matmuls on CUDA; ``--ckpt_path last`` across log versions."""
+        if torch.cuda.is_available():
+            torch.set_float32_matmul_precision("high")
+        if self.subcommand == "fit":
+            resolve_last_checkpoint(self.config[self.subcommand])
+
+
+def _arg(key: str, value: Any) -> str:
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return f"--{key}={text}"
+
+
+def cli_args(
+    config_paths: Sequence[str | Path] = (),
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    ckpt_path: str | Path | None = None,
+    subcommand: str = "fit",
+) -> list[str]:
+    """The command line equivalent of :func:`fit`'s arguments."""
+    args = [subcommand]
+    for p in config_paths:
+        args += ["--config", str(p)]
+    if isinstance(overrides, Mapping):
+        args += [_arg(k, v) for k, v in overrides.items()]
+    elif overrides:
+        args += list(overrides)
+    if ckpt_path is not None:
+        args.append(f"--ckpt_path={ckpt_path}")
+    return args
+
+
+def fit(
+    config_paths: Sequence[str | Path] = (),
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    ckpt_path: str | Path | None = None,
+    callbacks: Sequence[pl.Callback] = (),
+) -> tuple[pl.Trainer, TwoTowerModule, SessionDataModule]:
+    """Train as ``python train.py fit --config ...`` would.
+
+    Args:
+        config_paths: YAML configs, later ones override earlier ones.
+        overrides: Dotted keys -> values (``{"trainer.max_epochs": 2, "model.dim": 32}``) or
+            raw ``--key=value`` strings.
+        ckpt_path: Resume from this checkpoint (``last.ckpt`` after an interruption).
+        callbacks: Extra callback objects (benchmarks, tests).
+
+    Returns:
+        The trainer, the trained module and the datamodule.
+    """
+    defaults = trainer_defaults()
+    if callbacks:
+        defaults["callbacks"] = list(callbacks)
+    cli = TwoTowerCLI(args=cli_args(config_paths, overrides, ckpt_path), trainer_defaults=defaults)
+    return cli.trainer, cli.model, cli.datamodule
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python train.py <fit|validate|test> --config ...``."""
+    TwoTowerCLI(args=argv)
