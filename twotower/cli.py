@@ -67,6 +67,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reviews", default="reviews.sqlite", help="SQLite file for review ratings")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+
+    p = sub.add_parser("review-report", help="WTF share per model from the review panel's ratings")
+    p.add_argument("--reviews", required=True, help="SQLite file written by `twotower serve`")
+    p.add_argument("--csv", help="also write the report as CSV")
+    p.add_argument("--ratings-csv", help="also write every rating (model revealed) as CSV")
+    p.add_argument("--json", help="also write the report as JSON")
+    p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the paired CI")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "pipeline", help="data report -> train -> evaluate -> export -> samples, one run folder"
+    )
+    p.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. trainer.max_epochs=3, model.encoder=mean, "
+        "data.path=../shared/data/ml-100k (a key without a section is a data option)",
+    )
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the model alone")
+    p.add_argument("--baselines", help="comma-separated baselines (default: all)")
+    p.add_argument("--index", default="auto", help="FAISS index of the export (auto, Flat, ...)")
+    p.add_argument("--sample", type=int, default=5, help="held-out listeners in samples.md")
+    p.add_argument("-k", "--ks", default="10,20,50", help="comma-separated cut-offs")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--onnx", action="store_true", help="also export the query tower as ONNX")
+
+    p = sub.add_parser("compare", help="old vs new model on the same held-out queries")
+    p.add_argument("run_a", metavar="RUN_A", help="run folder, checkpoint or artifact folder")
+    p.add_argument("run_b", metavar="RUN_B", help="run folder, checkpoint or artifact folder")
+    p.add_argument("--data-config", action="append", help="config giving the split (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data option of --data-config",
+    )
+    p.add_argument("--split", choices=["valid", "test"], default="test")
+    p.add_argument("-k", "--ks", default="10,20,50", help="comma-separated cut-offs")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--md", help="write the report as Markdown")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--png", help="write Recall@K curves (K = 1..100) as PNG")
+
+    p = sub.add_parser("drift", help="compare a new batch of logs with the training data")
+    p.add_argument("--reference", required=True, help="run folder or artifact folder")
+    p.add_argument("--data", help="new logs: a file/folder, or a YAML config with a data section")
+    p.add_argument("--format", help="format of --data (default: the reference's)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data option of the new batch, e.g. options.seed=3",
+    )
+    p.add_argument("--log-dir", help="also write the numbers as TensorBoard scalars here")
+    p.add_argument("--step", type=int, default=0, help="TensorBoard step (e.g. the batch date)")
+    p.add_argument("--md", help="write the report as Markdown")
+    p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--no-metric", action="store_true", help="skip the model metric")
+    from twotower.drift import add_threshold_args
+
+    add_threshold_args(p)
     return parser
 
 
@@ -106,6 +173,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         from twotower.serve.app import serve_main
 
         return serve_main(args)
+    if args.command == "review-report":
+        from twotower.serve.reviews import report_main
+
+        return report_main(args)
+    if args.command == "pipeline":
+        from twotower.pipeline import pipeline_main
+
+        return pipeline_main(args)
+    if args.command == "compare":
+        from twotower.compare import compare_main
+
+        return compare_main(args)
+    if args.command == "drift":
+        from twotower.drift import drift_main
+
+        return drift_main(args)
     raise AssertionError(args.command)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import random
 import sys
 import threading
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -266,6 +269,7 @@ def create_app(
         redoc_url=None,
     )
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     app.state.model = model
     app.state.panel = panel
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -478,6 +482,18 @@ def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
             media_type="text/csv; charset=utf-8",
             headers={"content-disposition": 'attachment; filename="review-ratings.csv"'},
         )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with the validation errors; FastAPI's own handler fails (500) on non-UTF-8 bodies."""
+    detail = jsonable_encoder(
+        exc.errors(),
+        custom_encoder={
+            bytes: lambda b: b.decode("utf-8", "backslashreplace"),
+            float: lambda x: x if math.isfinite(x) else str(x),  # NaN/Infinity: not JSON
+        },
+    )
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 def _docs_html(spec: dict) -> str:
