@@ -30,6 +30,7 @@ so a scheduler can act on it. With ``--log-dir`` the numbers are also TensorBoar
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -516,6 +517,8 @@ def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[
     out = dict(values)
     for key, raw in overrides.items():
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        if isinstance(value, dt.date):  # YAML reads 2023-03-01 as a date
+            value = value.isoformat()
         name, _, sub = key.removeprefix("data.").partition(".")
         if sub:
             out[name] = {**(out.get(name) or {}), sub: value}
@@ -606,7 +609,8 @@ def drift_report(
     max_history = int(ref_cfg.max_history)
     log.info("drift: profiling the reference data (%s)", ref_cfg.path or ref_cfg.format)
     ref = profile_data(ref_cfg, "reference", sequence_by, max_history, max_queries)
-    new_label = str(new_cfg.path or f"{new_cfg.format} {new_cfg.options or ''}".strip())
+    options = json.dumps(new_cfg.options or {}, default=str)
+    new_label = str(new_cfg.path or f"{new_cfg.format} {options}")
     log.info("drift: profiling the new batch (%s)", new_label)
     batch = profile_data(new_cfg, new_label, sequence_by, max_history, max_queries)
     values, details = drift_values(ref, batch, side.track_index, side.user_index)
