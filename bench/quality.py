@@ -83,6 +83,11 @@ def datasets(quick: bool) -> dict[str, Dataset]:
                 "data.format": "hetrec-lastfm",
                 "data.path": str(SHARED / "hetrec2011-lastfm-2k"),
                 "data.options": None,
+                # the movielens-100k model config, adapted: 50 artists per user, 17k artists
+                "data.window": 50,
+                "model.full_softmax": False,
+                "model.num_negatives": 256,
+                "trainer.max_epochs": 20,
                 **epochs,
             },
             protocol=(

@@ -15,7 +15,7 @@ Subcommands (each prints a Markdown table and writes JSON to ``bench/out/``):
                clusters: train/add time, index bytes, RSS, recall@10 against exact search on
                ``--queries`` queries, single-query latency and batch throughput per nprobe.
 
-Example (what docs/SCALING.md quotes)::
+Example (what the README's Scaling section quotes)::
 
     python bench/scale_bench.py generate --out /tmp/plays --rows 30000000
     python bench/scale_bench.py stream --data /tmp/plays
