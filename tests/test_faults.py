@@ -285,8 +285,11 @@ if mode == "random":
             pass
         _, status = os.waitpid(pid, 0)
         completed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        report(kill="random", gen=gen, prev=done, completed=completed, **state())
-        done = gen if completed else done
+        st = state()
+        report(kill="random", gen=gen, prev=done, completed=completed, **st)
+        # a kill after the commit's swap but before exit leaves the new export live: what
+        # counts as "previous" for the next attempt is what the path really holds
+        done = st["generation"] if st["generation"] is not None else done
 else:
     for target in TARGETS:
         k = 1
@@ -295,9 +298,10 @@ else:
             _, status = os.waitpid(spawn(gen, (target, k)), 0)
             completed = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
             killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            st = state()
             report(kill=f"{target}#{k}", gen=gen, prev=done, completed=completed,
-                   killed=killed, **state())
-            done = gen if completed else done
+                   killed=killed, **st)
+            done = st["generation"] if st["generation"] is not None else done
             if not killed:
                 break
             k += 1
