@@ -4,6 +4,14 @@ Subcommands (each prints a Markdown table and writes JSON to ``bench/out/``):
 
 ``generate``   a Parquet data set of ``--rows`` plays (default 30M: 1M listeners, 2M tracks with
                a Zipf popularity, string track ids), in files of 2M rows, row groups of 250k.
+``synthetic``  the synthetic generator's plays (planted taste clusters, sessions, skips;
+               ``--rows`` of them) sorted by user and time, in files of 1M rows, row groups of
+               100k: the input of ``configs/streaming.yaml``.
+``train-rss``  peak RSS and time of streaming *training* (``train.fit`` with
+               ``configs/streaming.yaml``: the setup pass over every row, then
+               ``--steps`` training batches) against ``chunk_rows``, hashed and exact
+               vocabularies, each in a fresh process with one thread; the in-memory
+               ``SessionDataModule`` on the same file for contrast.
 ``stream``     peak RSS and time of streaming preprocessing (exact vocabulary via
                :func:`stream_vocab`, hashed counts via :func:`stream_bucket_counts`) and of a
                full pass through ``ParquetStream`` + ``DataLoader`` (2 workers) with hashed ids
@@ -20,6 +28,8 @@ Example (what the README's Scaling section quotes)::
     python bench/scale_bench.py generate --out /tmp/plays --rows 30000000
     python bench/scale_bench.py stream --data /tmp/plays
     python bench/scale_bench.py ivfpq --items 10000000
+    python bench/scale_bench.py synthetic --out /tmp/plays-synth --rows 3000000
+    python bench/scale_bench.py train-rss --data /tmp/plays-synth
 """
 
 from __future__ import annotations
@@ -235,6 +245,148 @@ def stream_bench(data: Path, chunks: list[int], buckets: int, loader_chunks: lis
     return {"data": str(data), "buckets": buckets, "results": results}
 
 
+# ---------------------------------------------------------------------------------- training
+def write_synthetic(out: Path, rows: int, seed: int, per_file: int = 1_000_000) -> dict:
+    """The synthetic generator's plays, sorted by user and time, as Parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from twotower.data.synthetic import generate, make_config
+
+    t0 = time.perf_counter()
+    inter, _, _ = generate(make_config("default", n_plays=rows, seed=seed))
+    cols = ["user_id", "track_id", "timestamp", "skipped", "context_type"]
+    inter = inter[cols]  # generated ordered by user, then time
+    out.mkdir(parents=True, exist_ok=True)
+    for i, start in enumerate(range(0, len(inter), per_file)):
+        part = pa.Table.from_pandas(inter.iloc[start : start + per_file], preserve_index=False)
+        pq.write_table(part, out / f"part-{i:04d}.parquet", row_group_size=100_000)
+    size = sum(f.stat().st_size for f in out.glob("*.parquet"))
+    res = {
+        "rows": len(inter),
+        "users": int(inter["user_id"].nunique()),
+        "tracks": int(inter["track_id"].nunique()),
+        "files": len(list(out.glob("*.parquet"))),
+        "bytes_on_disk": size,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(res))
+    return res
+
+
+def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, buckets: int):
+    """One training run in this (fresh) process: the data pass, then ``steps`` batches."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    import pytorch_lightning as pl
+
+    from twotower.train import fit
+
+    class RssProbe(pl.Callback):
+        """Peak RSS when training starts (the data pass) and RSS every 50 batches."""
+
+        def __init__(self) -> None:
+            self.at_start = 0
+            self.trace: list[int] = []
+
+        def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            self.at_start = round(peak_rss() / MiB)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            if batch_idx % 50 == 0:
+                self.trace.append(round(_rss() / MiB))
+
+    probe = RssProbe()
+    repo = Path(__file__).resolve().parents[1]
+    base = _rss()
+    common = {
+        "trainer.max_epochs": 1,
+        "trainer.limit_train_batches": steps if steps > 0 else 1.0,
+        "trainer.limit_val_batches": 0,
+        "trainer.logger": False,
+        "trainer.enable_checkpointing": False,
+        "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "trainer.default_root_dir": tempfile.mkdtemp(),
+        "model.dim": 32,
+        "model.id_dim": 32,
+        "model.num_layers": 1,
+        "model.num_negatives": 256,
+        "model.projector_items": 0,
+    }
+    t0 = time.perf_counter()
+    if mode == "in-memory":
+        overrides = {
+            **common,
+            "data.format": "parquet",
+            "data.path": str(data),
+            "data.cache_dir": None,
+            "data.window": 50,
+            "data.batch_size": max(batch_rows // 50, 1),
+        }
+        trainer, _, dm = fit([], overrides, callbacks=[probe])
+        rows = int(dm.data.report.rows_read)
+    else:
+        overrides = {
+            **common,
+            "data.path": str(data),
+            "data.chunk_rows": chunk,
+            "data.batch_rows": batch_rows,
+            "data.num_buckets": buckets if mode == "hashed" else None,
+        }
+        trainer, _, dm = fit([repo / "configs" / "streaming.yaml"], overrides, callbacks=[probe])
+        rows = int(dm.data.stats["rows"])
+    return {
+        "mode": mode,
+        "chunk_rows": chunk if mode != "in-memory" else "all",
+        "batch_rows": batch_rows,
+        "rows_read": rows,
+        "num_items": int(dm.num_items),
+        "train_steps": int(trainer.global_step),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "rss_after_imports_mib": round(base / MiB),
+        "peak_rss_before_training_mib": probe.at_start,
+        "peak_rss_mib": round(peak_rss() / MiB),
+        "rss_mib_every_50_batches": probe.trace,
+    }
+
+
+def train_rss_bench(
+    data: Path, chunks: list[int], batch_rows: int, steps: int, buckets: int, baseline: bool
+) -> dict:
+    plan = [("hashed", c, steps) for c in chunks] + [("exact", chunks[len(chunks) // 2], steps)]
+    plan.append(("hashed", chunks[len(chunks) // 2], 0))  # one full epoch
+    if baseline:
+        plan.append(("in-memory", 0, steps))
+    results = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for mode, chunk, n_steps in plan:
+        cmd = [sys.executable, __file__, "_train_one", "--data", str(data), "--mode", mode]
+        cmd += ["--chunk", str(chunk), "--batch-rows", str(batch_rows), "--steps", str(n_steps)]
+        cmd += ["--buckets", str(buckets)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            print(res.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{mode} chunk {chunk} failed")
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    cols = ["mode", "chunk_rows", "train_steps", "seconds", "rss_after_imports_mib"]
+    cols += ["peak_rss_before_training_mib", "peak_rss_mib"]
+    print(table(results, cols))
+    return {
+        "data": str(data),
+        "buckets": buckets,
+        "batch_rows": batch_rows,
+        "steps": steps,
+        "load_average": os.getloadavg(),
+        "results": results,
+    }
+
+
 # ---------------------------------------------------------------------------------- IVF-PQ
 def synthetic_vectors(n: int, dim: int, clusters: int, seed: int, block: int = 1_000_000):
     """L2-normalised vectors around ``clusters`` random centres (a planted structure)."""
@@ -442,6 +594,24 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--mode", required=True)
     one.add_argument("--chunk", type=int, required=True)
     one.add_argument("--buckets", type=int, required=True)
+    y = sub.add_parser("synthetic")
+    y.add_argument("--out", type=Path, required=True)
+    y.add_argument("--rows", type=int, default=3_000_000)
+    y.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("train-rss")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--chunks", default="16384,65536,262144")
+    t.add_argument("--batch-rows", type=int, default=4096)
+    t.add_argument("--steps", type=int, default=200)  # 0 = a full epoch
+    t.add_argument("--buckets", type=int, default=1 << 16)
+    t.add_argument("--no-baseline", action="store_true")
+    t1 = sub.add_parser("_train_one")
+    t1.add_argument("--data", type=Path, required=True)
+    t1.add_argument("--mode", required=True)
+    t1.add_argument("--chunk", type=int, required=True)
+    t1.add_argument("--batch-rows", type=int, required=True)
+    t1.add_argument("--steps", type=int, required=True)
+    t1.add_argument("--buckets", type=int, required=True)
     v = sub.add_parser("ivfpq")
     v.add_argument("--items", type=int, default=10_000_000)
     v.add_argument("--dim", type=int, default=64)
@@ -463,6 +633,17 @@ def main(argv: list[str] | None = None) -> None:
         save("stream", stream_bench(a.data, chunks, a.buckets, loader_chunks))
     elif a.cmd == "_stream_one":
         print(json.dumps(_one_stream(a.data, a.mode, a.chunk, a.buckets)))
+    elif a.cmd == "synthetic":
+        save("synthetic", write_synthetic(a.out, a.rows, a.seed))
+    elif a.cmd == "train-rss":
+        chunks = [int(c) for c in a.chunks.split(",")]
+        save(
+            "train_rss",
+            train_rss_bench(a.data, chunks, a.batch_rows, a.steps, a.buckets, not a.no_baseline),
+        )
+    elif a.cmd == "_train_one":
+        row = _train_one(a.data, a.mode, a.chunk, a.batch_rows, a.steps, a.buckets)
+        print(json.dumps(row))
     elif a.cmd == "flops":
         save("flops", flops_bench(a.batch, a.window, a.negatives, a.dim, a.steps))
     elif a.cmd == "ivfpq":

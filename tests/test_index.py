@@ -5,14 +5,19 @@ every query is a slightly perturbed copy of a known item, so the right top-1 is 
 its exact top-10 are its closest cluster mates.
 
 Tolerances: exact search and Flat must return the planted item first for every query and agree
-with each other exactly; tuned ANN indexes (HNSW32, IVF-Flat, IVF-PQ re-ranked with RFlat) must
-reach recall@10 >= 0.95 against exact search and the planted top-1 for >= 98% of queries. Pure
+with each other exactly; tuned ANN indexes (HNSW32, IVF-Flat, IVF-PQ re-ranked with RFlat, and
+the refined IVF-PQ that ``auto`` picks above 5M tracks, sized by :func:`ivfpq_spec` for this
+catalogue) must reach recall@10 >= 0.95 against exact search and the planted top-1 for >= 98%
+of queries. Pure
 IVF-PQ with d/2 one-byte codes is lossy by construction (its ceiling is set by the code size,
 not by nprobe; ~0.8 here because cluster mates have near-equal scores), so it must reach
 recall@10 >= 0.70 and the planted top-1 for >= 95% of queries.
 """
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -26,6 +31,7 @@ from twotower.index import (
     build_index,
     check_index,
     get_search_params,
+    ivfpq_spec,
     load_index,
     recall_at_k,
     save_index,
@@ -69,6 +75,8 @@ CASES = {
     "IVF64,Flat": (0.95, 0.98),
     "IVF64,PQ16,RFlat": (0.95, 0.98),
     "IVF64,PQ16": (0.70, 0.95),
+    # what auto_spec picks above HNSW_MAX, sized for this catalogue: IVF256,PQ16,RFlat
+    ivfpq_spec(V, D): (0.95, 0.98),
 }
 
 
@@ -155,8 +163,74 @@ def test_auto_spec_thresholds() -> None:
     assert auto_spec(49_999, 64) == "Flat"
     assert auto_spec(50_000, 64) == "HNSW32"
     assert auto_spec(5_000_000, 64) == "HNSW32"
-    assert auto_spec(20_000_000, 64) == "IVF16384,PQ32"  # 4 * sqrt(2e7) = 17.9k -> 2^14
+    # 4 * sqrt(2e7) = 17.9k -> 2^14 lists; PQ codes re-scored exactly (RFlat) to keep recall
+    assert auto_spec(20_000_000, 64) == "IVF16384,PQ32,RFlat"
+    assert auto_spec(5_000_001, 64) == ivfpq_spec(5_000_001, 64) == "IVF8192,PQ32,RFlat"
+    assert ivfpq_spec(20_000_000, 64, refine=False) == "IVF16384,PQ32"
+    assert ivfpq_spec(V, D) == "IVF256,PQ16,RFlat"  # the suite's case above
     assert build_index(np.eye(8, dtype=np.float32), "auto").ntotal == 8
+
+
+def test_refined_index_beats_plain_pq_and_keeps_its_params(tmp_path, planted, tuned) -> None:
+    """RFlat re-scoring lifts IVF-PQ recall at equal nprobe; k_factor survives save/load."""
+    x, q, _ = planted
+    spec = ivfpq_spec(V, D)
+    _, exact = ExactSearch(x).search(q, 10)
+    plain = build_index(x, ivfpq_spec(V, D, refine=False))
+    refined = build_index(x, spec)
+    set_search_param(plain, "nprobe", 32)
+    set_search_param(refined, "nprobe", 32)
+    r_plain = recall_at_k(plain.search(q, 10)[1], exact)
+    r_refined = recall_at_k(refined.search(q, 10)[1], exact)
+    assert r_refined >= 0.95 and r_refined >= r_plain + 0.05, (r_plain, r_refined)
+    # refined scores are exact inner products (not PQ approximations)
+    scores, ids = refined.search(q, 10)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=1e-5)
+    assert search_param_name(refined) == "nprobe"
+    set_search_param(refined, "k_factor", 8)
+    save_index(refined, tmp_path / "r.faiss")
+    for mmap in (False, True):
+        loaded = load_index(tmp_path / "r.faiss", mmap=mmap)
+        check_index(loaded, V, D)
+        assert get_search_params(loaded) == {"nprobe": 32, "k_factor": 8}
+        np.testing.assert_array_equal(loaded.search(q, 10)[1], refined.search(q, 10)[1])
+    with pytest.raises(ValueError, match="k_factor needs a refined index"):
+        set_search_param(plain, "k_factor", 8)
+
+
+def _make_golden():
+    path = Path(__file__).resolve().parent / "golden" / "make_golden.py"
+    spec = importlib.util.spec_from_file_location("make_golden", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_refined_index_through_export_and_retriever(tmp_path) -> None:
+    """write_artifact tunes the refined index, the manifest keeps k_factor, Retriever restores it.
+
+    640 planted tracks (8 clusters x 80, dim 16): the served similar-track lists of the
+    IVF-PQ + RFlat artifact must match exact search (recall@10 >= 0.95).
+    """
+    from twotower.export import write_artifact
+    from twotower.retrieve import Retriever
+
+    parts = _make_golden().planted_parts(n_clusters=8, per_cluster=80, dim=16, seed=3)
+    parts.pop("cluster")
+    emb = parts["item_emb"]
+    spec = ivfpq_spec(len(emb), emb.shape[1])
+    assert spec == "IVF128,PQ8,RFlat"
+    out = write_artifact(tmp_path / "art", index=spec, **parts)
+    r = Retriever.load(out)
+    m = r.manifest["index"]
+    assert m["factory"] == spec and m["tuned_param"] == "nprobe"
+    assert m["search_params"]["k_factor"] == 4 and m["ann_recall"] >= 0.95
+    assert isinstance(faiss.downcast_index(r.index), faiss.IndexRefine)
+    assert get_search_params(r.index) == m["search_params"]
+    rows = np.arange(0, len(emb), 7)
+    _, exact = ExactSearch(emb).search(emb[rows], 11)  # the track itself comes first
+    got = [r.rows_of(r.similar_tracks(str(parts["vocab"]["tracks"][i]), k=10).ids) for i in rows]
+    assert recall_at_k(np.stack(got), exact[:, 1:], 10) >= 0.95
 
 
 def test_save_load_round_trip(tmp_path, planted) -> None:

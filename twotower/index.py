@@ -11,13 +11,19 @@ are never indexed (item index = row + 2).
 
 * ``V < 50,000``: ``Flat`` (exact; scanning 50k x 64 floats takes well under a millisecond),
 * ``V <= 5,000,000``: ``HNSW32`` (graph, ~``V * (4 d + 256)`` bytes, sub-millisecond queries),
-* beyond: ``IVF{4 sqrt(V)},PQ{d/2}`` (``d/2`` bytes per vector; tens of millions of tracks fit
-  in a few GiB).
+* beyond: ``IVF{4 sqrt(V)},PQ{d/2},RFlat`` (see :func:`ivfpq_spec`): IVF-PQ finds
+  ``k_factor * k`` candidates (:data:`REFINE_K_FACTOR` = 4) from ``d/2``-byte codes and
+  ``RFlat`` re-scores them exactly with the float32 vectors, which it keeps in RAM. Memory is
+  about ``V * (4 d + d/2 + 8)`` bytes (codes, ids, raw vectors): 2.8 GiB at 10M tracks of
+  ``d = 64``, of which 2.4 GiB are the raw vectors; still less than HNSW32 (~4.8 GiB there).
 
-PQ codes are lossy: their recall@10 against exact search is capped by the code size whatever
-``nprobe`` is (about 0.8 on tightly clustered test vectors). Append ``,RFlat`` (e.g.
-``"IVF4096,PQ32,RFlat"``) to re-rank ``k_factor * k`` PQ candidates with the exact vectors
-(kept in RAM) when that matters more than memory.
+PQ codes alone are lossy: their recall@10 against exact search is capped by the code size
+whatever ``nprobe`` is (0.71 at 10M tracks on clustered vectors in ``bench/scale_bench.py``,
+about 0.8 on the test vectors); re-scoring 40-50 candidates exactly brought it to 0.94-0.97
+there. When RAM matters more than recall, pass the plain ``"IVF4096,PQ32"`` (40 B per track).
+``tune_index`` raises ``nprobe`` of the refined index like any IVF index; ``k_factor`` is
+stored with the index (and in the manifest's search parameters) and can be changed with
+:func:`set_search_param`.
 """
 
 from __future__ import annotations
@@ -124,15 +130,29 @@ class ExactSearch:
         return scores_out, ids_out
 
 
+def ivfpq_spec(num_items: int, dim: int, refine: bool = True) -> str:
+    """``IVF{nlist},PQ{m}[,RFlat]`` for ``num_items`` vectors of size ``dim``.
+
+    ``nlist`` is the power of two nearest ``4 sqrt(V)``; ``m = d/2`` one-byte sub-quantisers
+    (``d`` when ``d`` is odd); ``refine`` appends ``,RFlat`` (exact re-scoring of the
+    ``k_factor * k`` PQ candidates with the raw vectors, held in RAM).
+    """
+    nlist = 1 << round(math.log2(4 * math.sqrt(num_items)))
+    m = dim // 2 if dim % 2 == 0 else dim
+    return f"IVF{nlist},PQ{m}" + (",RFlat" if refine else "")
+
+
 def auto_spec(num_items: int, dim: int) -> str:
-    """The FAISS factory string ``build_index(spec="auto")`` uses for this catalogue size."""
+    """The FAISS factory string ``build_index(spec="auto")`` uses for this catalogue size.
+
+    ``Flat`` below :data:`FLAT_MAX` items, ``HNSW32`` up to :data:`HNSW_MAX`, beyond that the
+    refined IVF-PQ of :func:`ivfpq_spec` (see the module docstring for memory and recall).
+    """
     if num_items < FLAT_MAX:
         return "Flat"
     if num_items <= HNSW_MAX:
         return "HNSW32"
-    nlist = 1 << round(math.log2(4 * math.sqrt(num_items)))
-    m = dim // 2 if dim % 2 == 0 else dim
-    return f"IVF{nlist},PQ{m}"
+    return ivfpq_spec(num_items, dim, refine=True)
 
 
 def build_index(

@@ -43,6 +43,10 @@ DATA_SIZES = (
 )
 
 
+#: The DataModule a config gets when it does not name one (``data.class_path``).
+DEFAULT_DATAMODULE = "twotower.data.datamodule.SessionDataModule"
+
+
 def _sizes(dm: SessionDataModule) -> dict[str, int]:
     return dm.model_sizes()
 
@@ -165,13 +169,20 @@ def resolve_last_checkpoint(config: Any) -> None:
 
 
 class TwoTowerCLI(LightningCLI):
-    """``LightningCLI(TwoTowerModule, SessionDataModule)`` with the callbacks and links."""
+    """``LightningCLI(TwoTowerModule, <a DataModule>)`` with the callbacks and links.
+
+    The DataModule is :class:`SessionDataModule` unless a config names another one with
+    ``data: {class_path: ..., init_args: {...}}`` (e.g. the streaming
+    :class:`~twotower.data.stream_module.StreamingSessionDataModule`); flat ``data:`` keys
+    keep configuring ``SessionDataModule``.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(TwoTowerModule, SessionDataModule, **kwargs)
+        kwargs.setdefault("subclass_mode_data", True)
+        super().__init__(TwoTowerModule, pl.LightningDataModule, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Callbacks (configurable as ``checkpoint.*``, ``early_stopping.*``) and links."""
@@ -195,7 +206,8 @@ class TwoTowerCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
-        parser.link_arguments("data.window", "model.max_len", apply_on="parse")
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATAMODULE}})
+        parser.link_arguments("data.init_args.window", "model.max_len", apply_on="parse")
         for name in DATA_SIZES:
             parser.link_arguments(
                 "data", f"model.{name}", compute_fn=_size_getter(name), apply_on="instantiate"

@@ -296,6 +296,32 @@ class ParquetStream(IterableDataset):
                 break
 
 
+def read_rows(
+    fragments: Sequence[Fragment], lo: int, hi: int, columns: Sequence[str] | None = None
+) -> Chunk:
+    """Global rows ``[lo, hi)`` of a data set (fragments in file order), with ``"_row"``.
+
+    Reads only the row groups that overlap the range (each one whole, as Parquet decodes
+    them); for short look-backs, not for scans (use :class:`ParquetStream`).
+    """
+    parts: list[pa.Table] = []
+    starts: list[np.ndarray] = []
+    for f in fragments:
+        a, b = max(lo, f.start), min(hi, f.start + f.num_rows)
+        if a >= b:
+            continue
+        with pq.ParquetFile(f.path) as pf:
+            t = pf.read_row_group(f.row_group, columns=list(columns) if columns else None)
+        parts.append(t.slice(a - f.start, b - a))
+        starts.append(np.arange(a, b, dtype=np.int64))
+    if not parts:
+        raise ValueError(f"rows [{lo}, {hi}) are outside the data set")
+    table = pa.concat_tables(parts).combine_chunks()
+    out = {name: table.column(name).to_numpy() for name in table.column_names}
+    out[ROW_KEY] = np.concatenate(starts)
+    return out
+
+
 # ---------------------------------------------------------------------------------- preprocessing
 def _column_batches(path: str | Path, column: str, chunk_rows: int) -> Iterator[pa.Array]:
     """One column of the whole data set, chunk by chunk (no sharding)."""
@@ -325,25 +351,64 @@ def stream_counts(path: str | Path, column: str, chunk_rows: int = DEFAULT_CHUNK
     return pd.Series(acc["n"].to_numpy(), index=pd.Index(acc["value"].to_pandas()), name=column)
 
 
-def _count_table(path: str | Path, column: str, chunk_rows: int) -> pa.Table:
-    """Arrow table ``value`` (large_string), ``n`` (int64) of the distinct non-null values."""
-    acc: pa.Table | None = None
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    for col in _column_batches(path, column, chunk_rows):
+class CountAccumulator:
+    """Running occurrence counts of string values, fed chunk by chunk (kept in Arrow).
+
+    Memory: one row per distinct value plus the chunks not merged yet (merged once they hold
+    as many rows as the accumulator, so merging costs amortised O(rows)).
+
+    Args:
+        merge_rows: Merge pending chunk counts at least once this many rows are pending.
+    """
+
+    def __init__(self, merge_rows: int = DEFAULT_CHUNK_ROWS) -> None:
+        self.merge_rows = int(merge_rows)
+        self._acc: pa.Table | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def add(self, values: Any) -> None:
+        """Count ``values`` (Arrow array, numpy or list; compared as strings, nulls ignored)."""
+        col = values if isinstance(values, pa.Array) else pa.array(values, from_pandas=True)
         if not pa.types.is_large_string(col.type):
             col = pc.cast(col, pa.large_string())
         vc = pc.value_counts(col)
         t = pa.table({"value": vc.field("values"), "n": vc.field("counts").cast(pa.int64())})
-        pending.append(t)
-        pending_rows += t.num_rows
-        if pending_rows >= max(chunk_rows, acc.num_rows if acc is not None else 0):
-            acc = _merge_counts(acc, pending)
-            pending, pending_rows = [], 0
-    acc = _merge_counts(acc, pending)
-    if acc is None:
-        return pa.table({"value": pa.array([], pa.large_string()), "n": pa.array([], pa.int64())})
-    return acc.filter(pc.is_valid(acc["value"]))
+        self._pending.append(t)
+        self._pending_rows += t.num_rows
+        size = self._acc.num_rows if self._acc is not None else 0
+        if self._pending_rows >= max(self.merge_rows, size):
+            self._acc = _merge_counts(self._acc, self._pending)
+            self._pending, self._pending_rows = [], 0
+
+    def table(self) -> pa.Table:
+        """``value`` (large_string), ``n`` (int64) of the distinct non-null values so far."""
+        self._acc = _merge_counts(self._acc, self._pending)
+        self._pending, self._pending_rows = [], 0
+        if self._acc is None:
+            return pa.table(
+                {"value": pa.array([], pa.large_string()), "n": pa.array([], pa.int64())}
+            )
+        return self._acc.filter(pc.is_valid(self._acc["value"]))
+
+
+def vocab_from_counts(counts: pa.Table, min_count: int = 1) -> Vocab:
+    """A :class:`~twotower.data.vocab.Vocab` of a ``value``/``n`` count table.
+
+    Most frequent first, ties by id (Arrow sorts UTF-8 bytes, which is code-point order like
+    Python's): equal to ``Vocab.build`` of the counted column.
+    """
+    counts = counts.filter(pc.greater_equal(counts["n"], min_count))
+    order = pc.sort_indices(counts, sort_keys=[("n", "descending"), ("value", "ascending")])
+    return Vocab(counts["value"].take(order).to_pylist())
+
+
+def _count_table(path: str | Path, column: str, chunk_rows: int) -> pa.Table:
+    """Arrow table ``value`` (large_string), ``n`` (int64) of the distinct non-null values."""
+    acc = CountAccumulator(chunk_rows)
+    for col in _column_batches(path, column, chunk_rows):
+        acc.add(col)
+    return acc.table()
 
 
 def _merge_counts(acc: pa.Table | None, pending: list[pa.Table]) -> pa.Table | None:
@@ -364,10 +429,7 @@ def stream_vocab(
     Equal to ``Vocab.build(whole_column, min_count)`` (most frequent first, ties by id; Arrow
     sorts UTF-8 bytes, which is code-point order like Python's).
     """
-    counts = _count_table(path, column, chunk_rows)
-    counts = counts.filter(pc.greater_equal(counts["n"], min_count))
-    order = pc.sort_indices(counts, sort_keys=[("n", "descending"), ("value", "ascending")])
-    return Vocab(counts["value"].take(order).to_pylist())
+    return vocab_from_counts(_count_table(path, column, chunk_rows), min_count)
 
 
 def stream_bucket_counts(
