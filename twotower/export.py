@@ -11,6 +11,9 @@ Layout (``FORMAT_VERSION`` 1.x; see DESIGN.md "Artifact folder")::
     user_embeddings.npy  optional: latest query vector of every known listener (users.parquet)
     users.parquet        optional: row -> user_id
     vocab.json           {"tracks": {id: index}, "users": {...}, "contexts": {...}} (0 pad, 1 OOV)
+                         (hashed vocabulary, format 1.1: manifest ``item_vocab`` holds
+                         ``HashVocab.to_dict()``; one row per bucket, its most played raw id
+                         as track_id, all its raw training ids in items.parquet ``raw_ids``)
     query_tower.pt       QueryTower state dict (torch.load(weights_only=True))
     query_tower.onnx     optional; checked against torch with onnxruntime at export time
     holdout.parquet      held-out test examples (query_id, history, target, hour, context_type)
@@ -67,6 +70,12 @@ log = logging.getLogger("twotower")
 
 FORMAT_VERSION = "1.0"
 FORMAT_MAJOR = 1
+#: Written by exports of a hashed item vocabulary: 1.1 adds ``item_vocab`` (and ``user_vocab``)
+#: hash descriptions to the manifest and a ``raw_ids`` column to ``items.parquet``. A 1.0
+#: reader still serves them safely: it looks ids up in ``vocab.json``, which maps every
+#: bucket's most played raw id (others are reported unknown, never mis-mapped).
+HASHED_FORMAT_VERSION = "1.1"
+STREAMING_DATAMODULE = "twotower.data.stream_module.StreamingSessionDataModule"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("index.faiss", "items.parquet", "item_embeddings.npy", "vocab.json")
 QUERY_TOWER_FILE = "query_tower.pt"
@@ -676,10 +685,15 @@ def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarr
     return hist, (hist != 0).any(axis=1)
 
 
-def _holdout_frame(data: Any, window: int, limit: int) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Up to ``limit`` test examples with raw ids (cold targets and OOV history items left out)."""
+def _holdout_frame(
+    data: Any, window: int, limit: int, track_ids: list[str] | None = None
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Up to ``limit`` test examples with raw ids (cold targets and OOV history items left out).
+
+    ``track_ids``: the id of every item index ``2..`` (default ``data.item_vocab.ids``).
+    """
     te = data.test
-    ids = np.asarray(data.item_vocab.ids, dtype=object)
+    ids = np.asarray(data.item_vocab.ids if track_ids is None else track_ids, dtype=object)
     users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
     contexts = np.asarray(["", "", *data.context_vocab.ids], dtype=object)
     rows = np.flatnonzero(te.targets >= 2)
@@ -709,6 +723,65 @@ def _init_kwargs(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in dict(hparams).items() if k in params and k != "self"}
 
 
+def is_streaming_checkpoint(dm_hparams: dict[str, Any]) -> bool:
+    """Whether ``datamodule_hyper_parameters`` come from a ``StreamingSessionDataModule``.
+
+    LightningCLI records ``_class_path``; without it the streaming-only ``batch_rows`` decides.
+    """
+    cls = str(dm_hparams.get("_class_path") or "")
+    if cls:
+        return cls.rsplit(".", 1)[-1] == STREAMING_DATAMODULE.rsplit(".", 1)[-1]
+    return "batch_rows" in dm_hparams and "path" in dm_hparams
+
+
+def _streaming_catalogue(
+    dm: Any, data: Any, raw_ids: bool
+) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
+    """Items table, track id per item index ``2..`` and manifest ``item_vocab`` of streamed data.
+
+    Exact vocabulary: the raw ids (what the checkpoint stores too). Hashed: one row per bucket;
+    with ``raw_ids`` one more streaming pass (:func:`~twotower.data.stream_module.
+    track_catalogue`) names every bucket by its most played raw training id and lists all of
+    them in ``raw_ids``; without it (or for a bucket no training track hashed into) the id is
+    the label ``bucket#i`` (item index ``i + 2``).
+    """
+    counts = np.asarray(data.item_counts[2:], dtype=np.int64)
+    hashed = getattr(data.item_vocab, "vocab", None)
+    if hashed is None:  # exact vocabulary
+        ids = [str(t) for t in data.item_vocab.ids]
+        items = pd.DataFrame({"track_id": pd.Series(ids, dtype="string"), "plays": counts})
+        return items, ids, {"kind": "exact"}
+    labels = [str(t) for t in data.item_vocab.ids]  # bucket#i
+    ids = list(labels)
+    raw = [[] for _ in labels]
+    cat = dm.track_catalogue() if raw_ids else None
+    if cat is not None and len(cat):
+        rows = cat["index"].to_numpy() - 2
+        for r, t in zip(rows.tolist(), cat["track_id"].tolist(), strict=True):
+            raw[r].append(str(t))
+        for r in np.unique(rows).tolist():
+            ids[r] = raw[r][0]  # most training plays first
+    if len(set(ids)) != len(ids):
+        raise ArtifactError(
+            "a raw track id equals a bucket label 'bucket#i': cannot name every bucket "
+            "uniquely (export with raw_ids=False)"
+        )
+    items = pd.DataFrame(
+        {
+            "track_id": pd.Series(ids, dtype="string"),
+            "plays": counts,
+            "raw_ids": pd.Series(raw, dtype=object),
+        }
+    )
+    entry = {
+        **hashed.to_dict(),
+        "raw_ids": cat is not None,
+        "distinct_training_tracks": int(len(cat)) if cat is not None else None,
+        "occupied_buckets": int(sum(1 for r in raw if r)) if cat is not None else None,
+    }
+    return items, ids, entry
+
+
 def export_checkpoint(
     checkpoint: str,
     out: str,
@@ -721,6 +794,7 @@ def export_checkpoint(
     holdout: int = 5000,
     progress: bool = True,
     lineage: dict[str, Any] | None = None,
+    raw_ids: bool = True,
 ) -> Path:
     """Export a trained checkpoint as an artifact folder (see the module docstring).
 
@@ -728,9 +802,14 @@ def export_checkpoint(
     ``datamodule_hyper_parameters`` for display metadata, validation queries (index tuning),
     held-out examples and user histories; their fingerprint must match the training run's.
 
+    A checkpoint trained with the ``StreamingSessionDataModule`` is recognised (see
+    :func:`is_streaming_checkpoint`): that module's setup pass (bounded memory) rebuilds the
+    vocabulary, counts and validation queries instead; a hashed vocabulary exports one index
+    row per bucket (see :func:`_streaming_catalogue`, manifest format 1.1).
+
     Args:
         checkpoint: Lightning checkpoint of a ``TwoTowerModule`` trained with a
-            ``SessionDataModule``.
+            ``SessionDataModule`` or a ``StreamingSessionDataModule``.
         out: Artifact folder (replaced atomically).
         index: ``"auto"``, ``"Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, ... (FAISS factory).
         users: Also write ``user_embeddings.npy`` / ``users.parquet``.
@@ -742,6 +821,9 @@ def export_checkpoint(
         progress: Show a progress bar while embedding the catalogue.
         lineage: Provenance record (see :mod:`twotower.lineage`) stored as
             ``manifest["lineage"]``, so a served index traces to its data, config and code.
+        raw_ids: Streamed, hashed vocabulary: collect the raw track ids of every bucket (one
+            more pass over the data; memory per distinct training track) so that results
+            carry real track ids; False names buckets ``bucket#i``.
 
     Returns:
         The artifact folder.
@@ -756,13 +838,28 @@ def export_checkpoint(
         if key not in ckpt:
             raise ArtifactError(f"{checkpoint}: no {key!r}: not a twotower training checkpoint")
     hp = _init_kwargs(TwoTowerModule, ckpt["hyper_parameters"])
-    dm_hp = _init_kwargs(SessionDataModule, ckpt["datamodule_hyper_parameters"])
+    streaming = is_streaming_checkpoint(dict(ckpt["datamodule_hyper_parameters"]))
+    if streaming:
+        from twotower.data.stream_module import StreamingSessionDataModule
+
+        dm_cls: type = StreamingSessionDataModule
+        if users:
+            raise ValueError(
+                f"{checkpoint}: --users is not supported for a streamed model (the streaming "
+                "DataModule keeps no per-listener history)"
+            )
+    else:
+        dm_cls = SessionDataModule
+    dm_hp = _init_kwargs(dm_cls, ckpt["datamodule_hyper_parameters"])
     module = TwoTowerModule(**hp)
     module.load_state_dict(ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)
     dev = resolve_device(device)
     module.to(dev).eval()
-    dm = SessionDataModule(**dm_hp)
+    dm = dm_cls(**dm_hp)
+    if streaming:  # its fingerprint covers every saved hyper-parameter, LightningCLI's too
+        private = ckpt["datamodule_hyper_parameters"]
+        dm.hparams.update({k: v for k, v in dict(private).items() if k.startswith("_")})
     data = dm.data
     trained_fp = module.data_info.get("fingerprint")
     if trained_fp and trained_fp != data.fingerprint:
@@ -805,25 +902,43 @@ def export_checkpoint(
                 "%d listeners have no positive event: history-less query", (~has_events).sum()
             )
 
-    tracks = data.tracks.iloc[2:].reset_index(drop=True)
-    items = pd.DataFrame(
-        {
-            "track_id": pd.Series(data.item_vocab.ids, dtype="string"),
-            "title": tracks["title"].astype("string") if "title" in tracks else pd.NA,
-            "artist": tracks["artist"].astype("string") if "artist" in tracks else pd.NA,
-            "plays": data.item_counts[2:].astype(np.int64),
-        }
-    )
+    vocab_entry: dict[str, Any] = {"kind": "exact"}
+    if streaming:
+        items, track_ids, vocab_entry = _streaming_catalogue(dm, data, raw_ids)
+        trained_ids = module.data_info.get("item_vocab")
+        if vocab_entry["kind"] == "exact" and trained_ids and list(trained_ids) != track_ids:
+            raise ArtifactError(
+                f"{checkpoint}: the streaming pass gave another track vocabulary than the "
+                "one stored at training time; export needs the training data"
+            )
+        items.insert(1, "title", pd.Series(pd.NA, index=items.index, dtype="string"))
+        items.insert(2, "artist", pd.Series(pd.NA, index=items.index, dtype="string"))
+        split = "held-out listeners" if not dm_hp.get("val_path") else "val_path"
+    else:
+        track_ids = list(data.item_vocab.ids)
+        tracks = data.tracks.iloc[2:].reset_index(drop=True)
+        items = pd.DataFrame(
+            {
+                "track_id": pd.Series(data.item_vocab.ids, dtype="string"),
+                "title": tracks["title"].astype("string") if "title" in tracks else pd.NA,
+                "artist": tracks["artist"].astype("string") if "artist" in tracks else pd.NA,
+                "plays": data.item_counts[2:].astype(np.int64),
+            }
+        )
+        split = data.params.get("split", dm.config.split)
     holdout_df, holdout_info = (None, None)
     if holdout > 0 and len(data.test):
-        holdout_df, holdout_info = _holdout_frame(data, window, holdout)
+        holdout_df, holdout_info = _holdout_frame(data, window, holdout, track_ids)
     extra = {
         "data": {
             "fingerprint": data.fingerprint,
-            "split": data.params.get("split", dm.config.split),
+            "split": split,
             "filter_seen": bool(data.params.get("filter_seen", False)),
             "params": data.params,
             "datamodule": dm_hp,
+            "datamodule_class": STREAMING_DATAMODULE
+            if streaming
+            else f"{SessionDataModule.__module__}.{SessionDataModule.__qualname__}",
         },
         "metrics": _checkpoint_metrics(ckpt),
         "checkpoint": {
@@ -839,13 +954,19 @@ def export_checkpoint(
         extra["holdout"] = holdout_info
     if lineage is not None:
         extra["lineage"] = lineage
+    extra["item_vocab"] = vocab_entry
+    user_hash = getattr(data.user_vocab, "vocab", None)
+    if user_hash is not None:
+        extra["user_vocab"] = user_hash.to_dict()
+    if vocab_entry["kind"] == "hash" or user_hash is not None:
+        extra["format_version"] = HASHED_FORMAT_VERSION
     return write_artifact(
         out,
         query_tower=tower.cpu(),
         item_emb=item_emb,
         items=items,
         vocab={
-            "tracks": data.item_vocab.ids,
+            "tracks": track_ids,
             "users": data.user_vocab.ids,
             "contexts": data.context_vocab.ids,
         },

@@ -5,6 +5,14 @@ arguments plus a weights-only state dict, the FAISS index, the display table and
 
 History ids that the model has never seen are reported in :attr:`Recommendations.unknown` and
 left out of the query (their OOV embedding was never trained); they are never silently ignored.
+
+A model trained with a hashed track vocabulary (streaming, manifest ``item_vocab.kind ==
+"hash"``, format 1.1) has one index row per bucket. Its raw track ids map to rows through the
+same hash as in training: when the export listed the raw training ids of every bucket
+(``items.parquet`` ``raw_ids``), an id of that list maps to its bucket and any other id is
+unknown (no training play ever gave it meaning); without the list every id is hashed. Results
+name a bucket by its most played raw id (``bucket#i`` when none is known). Hashed listener ids
+(``user_vocab``) are hashed the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from twotower.data.hashing import HashVocab
 from twotower.export import (
     ArtifactError,
     load_query_tower,
@@ -107,6 +116,25 @@ class Retriever:
         self.titles = _text(items, "title")
         self.artists = _text(items, "artist")
         self.track_rows: dict[str, int] = {t: i for i, t in enumerate(self.ids)}
+        item_vocab = manifest.get("item_vocab") or {}
+        self.item_hash = (
+            HashVocab.from_dict(item_vocab) if item_vocab.get("kind") == "hash" else None
+        )
+        # hashed ids go through the hash unless the export listed every bucket's raw ids
+        self.hash_unlisted = self.item_hash is not None and not item_vocab.get("raw_ids")
+        # rows that may be returned: with a raw-id list, buckets no training track hashed into
+        # hold untrained vectors and are never results
+        self.searchable: np.ndarray | None = None
+        if "raw_ids" in items.columns:
+            listed = items["raw_ids"].explode().dropna()
+            for t, r in zip(listed.astype(str).tolist(), listed.index.tolist(), strict=True):
+                self.track_rows.setdefault(t, int(r))
+            if not self.hash_unlisted:
+                self.searchable = items["raw_ids"].map(len).to_numpy() > 0
+        user_vocab = manifest.get("user_vocab") or {}
+        self.user_hash = (
+            HashVocab.from_dict(user_vocab) if user_vocab.get("kind") == "hash" else None
+        )
         self.user_index = vocab.get("users", {})
         self.context_index = vocab.get("contexts", {})
         cfg = manifest["query_tower"]["args"]
@@ -166,6 +194,14 @@ class Retriever:
             raise ArtifactError(f"{path}: items.parquet rows do not match vocab.json tracks")
         if [tracks[t] for t in ordered] != list(range(2, num_items + 2)):
             raise ArtifactError(f"{path / 'vocab.json'}: track indices must run 2..N+1")
+        item_vocab = manifest.get("item_vocab") or {}
+        if item_vocab.get("kind") == "hash" and int(item_vocab["num_buckets"]) != num_items:
+            raise ArtifactError(
+                f"{path / 'manifest.json'}: a hashed vocabulary of {item_vocab['num_buckets']} "
+                f"buckets but {num_items} index rows"
+            )
+        if not items.index.equals(pd.RangeIndex(len(items))):
+            items = items.reset_index(drop=True)
         try:
             item_emb = np.load(
                 path / "item_embeddings.npy", mmap_mode="r" if mmap else None, allow_pickle=False
@@ -185,9 +221,14 @@ class Retriever:
         return str(track_id) in self.track_rows
 
     def rows_of(self, track_ids: list[str]) -> np.ndarray:
-        """Index rows of track ids (-1 when unknown)."""
+        """Index rows of track ids (-1 when unknown; hashed without a raw-id list: the bucket)."""
         get = self.track_rows.get
-        return np.fromiter((get(str(t), -1) for t in track_ids), np.int64, len(track_ids))
+        rows = np.fromiter((get(str(t), -1) for t in track_ids), np.int64, len(track_ids))
+        if self.hash_unlisted and (rows < 0).any():
+            miss = np.flatnonzero(rows < 0)
+            raw = np.array([str(track_ids[i]) for i in miss], dtype=object)
+            rows[miss] = self.item_hash.lookup(raw) - 2  # item index = row + 2
+        return rows
 
     # ------------------------------------------------------------------ queries
     def _query_inputs(
@@ -237,7 +278,10 @@ class Retriever:
         user_raw = c.get("user", c.get("user_id"))
         user = 0
         if user_raw is not None:
-            user = self.user_index.get(str(user_raw), 0)
+            if self.user_hash is not None:
+                user = int(self.user_hash.lookup(np.array([str(user_raw)], dtype=object))[0])
+            else:
+                user = self.user_index.get(str(user_raw), 0)
             if not user:
                 notes.append(f"user {user_raw!r} not in the vocabulary: treated as unknown")
             elif self.config.get("num_users", 0) == 0:
@@ -267,14 +311,26 @@ class Retriever:
         """Top-``k`` rows per query after removing excluded rows (over-fetching to fill k)."""
         n_max = max((len(e) for e in exclude_rows), default=0)
         fetch = min(k + n_max, len(self.ids))
-        scores, rows = self.index.search(np.ascontiguousarray(query_emb, np.float32), fetch)
-        out = []
-        for q in range(len(query_emb)):
-            keep = rows[q] >= 0
-            if len(exclude_rows[q]):
-                keep &= ~np.isin(rows[q], exclude_rows[q])
-            out.append((rows[q][keep][:k], scores[q][keep][:k]))
-        return out
+        query_emb = np.ascontiguousarray(query_emb, np.float32)
+        while True:
+            scores, rows = self.index.search(query_emb, fetch)
+            out = []
+            for q in range(len(query_emb)):
+                keep = rows[q] >= 0
+                if self.searchable is not None:
+                    keep &= self.searchable[np.maximum(rows[q], 0)]
+                if len(exclude_rows[q]):
+                    keep &= ~np.isin(rows[q], exclude_rows[q])
+                out.append((rows[q][keep][:k], scores[q][keep][:k]))
+            if self.searchable is None:
+                return out
+            avail = int(self.searchable.sum())  # fewer real results exist when k exceeds it
+            short = any(
+                len(r) < min(k, avail - len(e)) for (r, _), e in zip(out, exclude_rows, strict=True)
+            )
+            if not short or fetch >= len(self.ids) or (rows < 0).any():
+                return out  # (-1 rows: the ANN probes found no more candidates)
+            fetch = min(4 * fetch, len(self.ids))  # unsearchable rows took places: fetch more
 
     def _result(
         self, rows: np.ndarray, scores: np.ndarray, unknown: list[str], notes: list[str]
@@ -430,6 +486,11 @@ def write_split_recommendations(
     dm_hp = data_info.get("datamodule")
     if not dm_hp:
         raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
+    if "StreamingSessionDataModule" in str(data_info.get("datamodule_class", "")):
+        raise ArtifactError(
+            f"{retriever.path}: split recommendations are not supported for a model trained "
+            "from a stream (use holdout.parquet, or Retriever.recommend_batch on your queries)"
+        )
     fields = DataConfig.__dataclass_fields__
     data = prepare_data(DataConfig(**{k_: v for k_, v in dm_hp.items() if k_ in fields}))
     if data.fingerprint != data_info.get("fingerprint"):

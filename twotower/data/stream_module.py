@@ -55,9 +55,18 @@ measures generalisation to listeners never trained on, which is what the default
 test) queries come from that separate Parquet file instead (same contract), and nothing is
 held out of ``path``. Already-seen items are never filtered (listening logs repeat tracks).
 
+**Export.** ``export.py --checkpoint CKPT`` recognises a streaming checkpoint (its
+``datamodule_hyper_parameters``) and rebuilds this module from them: the setup pass (same
+fingerprint check as in-memory data) gives the vocabulary, play counts and the validation
+queries that tune the index. An exact vocabulary exports as usual (one index row per track).
+A hashed one exports one index row per bucket and records ``HashVocab.to_dict()`` in the
+manifest; :func:`track_catalogue` (one more pass, memory per distinct *training* track, at
+export time only) lists the raw track ids of every bucket, so results carry real track ids
+(the most played id of the bucket; all of them in ``items.parquet`` ``raw_ids``).
+
 Not supported (yet): track side features (the item tower is id-only), resuming *mid-epoch*
-(a run resumed from a mid-epoch checkpoint restarts that epoch's stream), and
-``export.py``/``twotower pipeline`` (they rebuild in-memory data from the checkpoint).
+(a run resumed from a mid-epoch checkpoint restarts that epoch's stream), ``export --users``
+(no per-listener history is kept) and ``twotower pipeline`` (it rebuilds in-memory data).
 """
 
 from __future__ import annotations
@@ -607,6 +616,56 @@ def scan(
         test=collector.eval_set(TEST, item_vocab, context_vocab, user_vocab),
         stats=stats,
     )
+
+
+def track_catalogue(
+    path: str | Path,
+    layout: Layout,
+    item_vocab: HashVocab,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> pd.DataFrame:
+    """The raw track ids of the training rows per bucket of a hashed vocabulary (one pass).
+
+    Memory: one row per distinct training track (Arrow counts), at export time only; the
+    training itself never builds this table.
+
+    Args:
+        path: The Parquet data set.
+        layout: From :func:`resolve_layout` (the same hold-out fractions as training).
+        item_vocab: The hashed vocabulary the model was trained with.
+        chunk_rows: Rows decoded at a time.
+
+    Returns:
+        ``index`` (item index ``2..num_buckets+1``), ``track_id`` (raw), ``plays`` (training
+        positives), ``rows`` (training rows); sorted by index, then plays descending, then id.
+    """
+    fragments = list_fragments(path, layout.file_columns)
+    where = _where_fn(fragments)
+    stream = ParquetStream(
+        path, layout.file_columns, chunk_rows=chunk_rows, rank=0, world_size=1, row_index=True
+    )
+    all_counts = CountAccumulator(chunk_rows)
+    pos_counts = CountAccumulator(chunk_rows)
+    for chunk in stream.iter_chunks((0, 1)):
+        rows = decode(chunk, layout, where)
+        train = rows.role == TRAIN
+        all_counts.add(_strings(rows.track[train]))
+        pos_counts.add(_strings(rows.track[train & rows.positive]))
+    table = all_counts.table().to_pandas()
+    plays = pos_counts.table().to_pandas().set_index("value")["n"]
+    ids = table["value"].astype(str)
+    out = pd.DataFrame(
+        {
+            "index": item_vocab.lookup(ids.to_numpy(dtype=object)),
+            "track_id": ids.to_numpy(dtype=object),
+            "plays": plays.reindex(ids).fillna(0).to_numpy(dtype=np.int64),
+            "rows": table["n"].to_numpy(dtype=np.int64),
+        }
+    )
+    out = out.sort_values(
+        ["index", "plays", "track_id"], ascending=[True, False, True], kind="stable"
+    )
+    return out.reset_index(drop=True)
 
 
 def _strings(values: np.ndarray) -> pa.Array:
@@ -1216,6 +1275,17 @@ class StreamingSessionDataModule(pl.LightningDataModule):
             "num_audio": 0,
             "max_genres": 1,
         }
+
+    def track_catalogue(self) -> pd.DataFrame | None:
+        """Raw track ids per bucket of a hashed vocabulary (see :func:`track_catalogue`).
+
+        Returns:
+            The table, or None for an exact vocabulary (its ``ids`` are the raw ids already).
+        """
+        vocab = self.data.item_vocab
+        if not isinstance(vocab, _HashedIds):
+            return None
+        return track_catalogue(self.path, self.layout, vocab.vocab, self.hparams.chunk_rows)
 
     def train_dataset(self, rank: int = 0, world_size: int = 1) -> StreamingWindows:
         """The training stream of one rank."""
