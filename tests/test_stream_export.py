@@ -210,3 +210,21 @@ def test_hashed_without_raw_id_list_hashes_every_id(hashed_art, tmp_path) -> Non
     rec = r.recommend(history, k=3, exclude="history")
     want = f"bucket#{int(hv.lookup(np.array([track(3, 4)], dtype=object))[0]) - 2}"
     assert not rec.unknown and want in rec.ids
+
+
+def test_service_finds_every_raw_id_of_a_hashed_bucket(hashed_art) -> None:
+    """``/similar`` and the catalogue accept the ids a bucket is not named after."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from twotower.serve.app import create_app
+
+    items = pd.read_parquet(hashed_art / "items.parquet")
+    shared = items[items["raw_ids"].map(len) > 1].iloc[0]
+    other = str(shared["raw_ids"][1])  # shares the bucket, not its name
+    client = TestClient(create_app(hashed_art))
+    res = client.get(f"/similar/{other}", params={"k": 5})
+    assert res.status_code == 200, res.text
+    ids = [t["track_id"] for t in res.json()["items"]]
+    assert len(ids) == 5 and shared["track_id"] not in ids  # the bucket itself is excluded
+    assert client.get("/similar/never-played").status_code == 404

@@ -307,8 +307,7 @@ def create_app(
         track_id: Annotated[str, PathParam(min_length=1, max_length=256)],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
     ) -> RecommendResponse:
-        if track_id not in model.catalogue:
-            raise HTTPException(404, detail=f"unknown track id {track_id!r}")
+        # the retriever maps ids as training did (hashed exports: any raw id of a bucket)
         try:
             rec = model.retriever.similar_tracks(track_id, k=k)
         except (KeyError, ValueError) as e:

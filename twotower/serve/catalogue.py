@@ -50,7 +50,8 @@ class Catalogue:
     """Display metadata of every track of an artifact and substring search over it.
 
     Args:
-        items: ``items.parquet`` (track_id, optional title and artist), row order = index rows.
+        items: ``items.parquet`` (track_id, optional title and artist, and for a hashed export
+            ``raw_ids``: every raw id of the bucket), row order = index rows.
     """
 
     def __init__(self, items: pd.DataFrame) -> None:
@@ -64,6 +65,10 @@ class Catalogue:
         self.titles: np.ndarray = cols["title"]
         self.artists: np.ndarray = cols["artist"]
         self._row = {tid: i for i, tid in enumerate(self.ids)}
+        if "raw_ids" in items.columns:  # hashed export: every raw id of a bucket finds its row
+            for i, raw in enumerate(items["raw_ids"].tolist()):
+                for tid in [] if raw is None else raw:
+                    self._row.setdefault(str(tid), i)
         hay = pd.Series(self.ids) + "\n" + pd.Series(self.titles) + "\n" + pd.Series(self.artists)
         self._hay = hay.str.lower()
         self._titles_lower = pd.Series(self.titles).str.lower().to_numpy(object)
