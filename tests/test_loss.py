@@ -130,3 +130,53 @@ def test_negatives_are_uniform_over_real_items():
 def test_set_counts_checks_size():
     with pytest.raises(ValueError, match="entries"):
         RetrievalLoss(5).set_counts([1, 2, 3])
+
+
+def test_seen_items_are_excluded_from_full_softmax_by_hand():
+    loss_fn = RetrievalLoss(num_items=5, temperature=0.5, full_softmax=True)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([2, 4])
+    # row 0 has seen item 4 (masked) and its own positive 2 (listed, but never masked);
+    # row 1 has seen item 3
+    exclude = (torch.tensor([0, 0, 1]), torch.tensor([4, 2, 3]))
+    logits, _, _ = loss_fn.logits(q, pos, item_fn, exclude=exclude)
+    assert torch.isinf(logits[0, 4]) and torch.isinf(logits[1, 3])
+    assert torch.isfinite(logits[0, [2, 3]]).all() and torch.isfinite(logits[1, [2, 4]]).all()
+    # row 0 logits (items 2, 3) = [2, 0]; row 1 (items 2, 4) = [0, 0], target 4
+    row0 = -2 + math.log(math.exp(2) + 1)
+    row1 = -0 + math.log(1 + 1)
+    loss = loss_fn(q, pos, item_fn, exclude=exclude)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_seen_items_are_excluded_from_in_batch_and_sampled_candidates():
+    loss_fn = RetrievalLoss(num_items=5, temperature=1.0, logq=False, num_negatives=3)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([2, 3])
+    neg = torch.tensor([4, 3, 4])  # item 4 drawn twice: both copies must go for row 0
+    exclude = (torch.tensor([0, 0, 1]), torch.tensor([3, 4, 2]))
+    logits, labels, _ = loss_fn.logits(q, pos, item_fn, neg, exclude=exclude)
+    # columns: in-batch [2, 3] then sampled [4, 3, 4]
+    finite = torch.isfinite(logits)
+    assert finite[0].tolist() == [True, False, False, False, False]
+    assert finite[1].tolist() == [False, True, True, False, True]  # sampled 3 = accidental hit
+    r0 = 0.0  # only its positive is left: log(e / e)
+    r1 = -1 + math.log(math.e + 1 + 1)  # candidates 3 (positive), 4, 4
+    loss = loss_fn(q, pos, item_fn, neg, exclude=exclude)
+    assert loss.item() == pytest.approx((r0 + r1) / 2, rel=1e-6, abs=1e-7)
+
+
+def test_dense_auxiliary_targets_add_their_weighted_log_likelihood():
+    loss_fn = RetrievalLoss(num_items=5, temperature=1.0, full_softmax=True)
+    q = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([2])
+    aux = torch.tensor([[3, 0]])  # one later item (3), one missing slot (0 = ignored)
+    # logits (items 2, 3, 4) = [1, 0, -1]
+    log_z = math.log(math.e + 1 + math.exp(-1))
+    main = -1 + log_z
+    aux_term = -0 + log_z
+    loss = loss_fn(q, pos, item_fn, aux_ids=aux, aux_weight=0.5)
+    assert loss.item() == pytest.approx(main + 0.5 * aux_term / 2, rel=1e-6)
+    assert loss_fn(q, pos, item_fn, aux_ids=aux, aux_weight=0.0).item() == pytest.approx(main)
+    with pytest.raises(ValueError, match="full_softmax"):
+        RetrievalLoss(5)(q, pos, item_fn, aux_ids=aux, aux_weight=0.5)

@@ -8,6 +8,7 @@ sequences.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -261,9 +262,8 @@ def test_fit_one_epoch_hashed_learns_planted_structure(tmp_path) -> None:
         assert torch.isfinite(model.item_embeddings()).all()
 
 
-def test_real_ddp_two_ranks_train_every_target_once(tmp_path, plays_dir) -> None:
-    """Lightning DDP on 2 CPU processes (gloo, forked): every rank runs the same number of steps
-    (no hang) and together they train on every target exactly once; validation all-gathers."""
+def ddp_child(tmp_path: Path, plays_dir: Path) -> None:
+    """Body of the DDP test, run in a fresh process (see the test)."""
     import json
 
     import pytorch_lightning as pl
@@ -316,3 +316,23 @@ def test_real_ddp_two_ranks_train_every_target_once(tmp_path, plays_dir) -> None
     assert ranks[0]["steps"] == ranks[1]["steps"] > 0
     assert sum(r["targets"] for r in ranks) == dm.data.stats["train_targets"]
     assert 0.0 <= float(trainer.callback_metrics["val/recall@10"]) <= 1.0
+
+
+def test_real_ddp_two_ranks_train_every_target_once(tmp_path, plays_dir) -> None:
+    """Lightning DDP on 2 CPU processes (gloo, forked): every rank runs the same number of steps
+    (no hang) and together they train on every target exactly once; validation all-gathers.
+
+    Forking a process whose OpenMP pool already ran (any earlier test's matmuls) can deadlock the
+    child, so the fit runs in a fresh single-threaded interpreter with a time limit.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from test_stream_module import ddp_child; ddp_child(Path(sys.argv[2]), Path(sys.argv[3]))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path), str(plays_dir)]
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

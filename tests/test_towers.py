@@ -1,4 +1,5 @@
 import io
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -190,3 +191,29 @@ def test_query_tower_exports_to_onnx_with_dynamic_batch_and_length(encoder):
     inputs = (*inputs, torch.tensor([0, 12, -1]), torch.tensor([3, 0, 1]))
     got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
     np.testing.assert_allclose(got, tower(*inputs).detach().numpy(), atol=1e-5)
+
+
+def test_recency_bias_is_causal_padding_invariant_and_favours_recent_events():
+    tower = _tower("transformer", recency_bias=True, num_layers=1)
+    assert tower.config["recency_bias"] is True
+    torch.testing.assert_close(tower.recency_slope.exp(), torch.tensor([2.0**-4, 2.0**-8]))
+    seqs = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    a = tower.forward_sequence(_left_pad(seqs, 6))
+    b = tower.forward_sequence(_left_pad(seqs, 12))[:, 6:]
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a[1, 4:], b[1, 4:], rtol=0, atol=1e-5)
+    changed = _left_pad(seqs, 6)
+    changed[0, 3] = 29
+    c = tower.forward_sequence(changed)
+    torch.testing.assert_close(a[0, :3], c[0, :3], rtol=0, atol=1e-6)  # still causal
+
+    def early_item_effect(log_slope: float) -> float:
+        with torch.no_grad():
+            tower.recency_slope.fill_(log_slope)
+        hist = _left_pad([[5, 6, 7, 8, 9, 10, 11, 12]], 8)
+        other = hist.clone()
+        other[0, 0] = 29  # the oldest event
+        return (tower(hist) - tower(other)).abs().max().item()
+
+    # a steep slope makes the query (almost) blind to old events; a flat one does not
+    assert early_item_effect(math.log(30.0)) < 1e-6 < 1e-3 < early_item_effect(math.log(1e-3))

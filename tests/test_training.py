@@ -88,6 +88,55 @@ def test_windows_cover_every_positive_target_exactly_once():
     assert (np.diff((w["items"] != 0).astype(int), axis=1) >= 0).all()
 
 
+def test_overlapping_windows_give_each_target_several_contexts():
+    items = np.arange(2, 12)  # one sequence of 10 positives: 9 targets
+    seqs = Sequences(
+        items=items,
+        offsets=np.array([0, 10]),
+        users=np.array([2]),
+        hours=np.zeros(10, np.int8),
+        contexts=np.zeros(10, np.int64),
+        positive=np.ones(10, bool),
+        timestamps=np.zeros(10, np.int64),
+    )
+    w = build_windows(seqs, window=4, stride=2)["items"]
+    # windows end at the last event, then every 2 events back, until one ends at event 1
+    assert w.tolist() == [
+        [7, 8, 9, 10, 11],
+        [5, 6, 7, 8, 9],
+        [3, 4, 5, 6, 7],
+        [0, 2, 3, 4, 5],
+        [0, 0, 0, 2, 3],
+    ]
+    assert (
+        build_windows(seqs, window=4, stride=0)["items"] == build_windows(seqs, 4)["items"]
+    ).all()
+    with pytest.raises(ValueError, match="stride"):
+        build_windows(seqs, window=4, stride=5)
+
+
+def test_seen_pairs_list_each_positions_earlier_items():
+    from twotower.model.module import seen_pairs
+
+    inputs = torch.tensor([[0, 5, 6, 7], [8, 9, 1, 4]])  # left padding; 1 = OOV
+    valid = torch.tensor([[False, True, True, False], [True, True, True, True]])
+    rows, items = seen_pairs(inputs, valid)
+    got = sorted(zip(rows.tolist(), items.tolist(), strict=True))
+    # queries in row-major order: (0,1) (0,2) (1,0) (1,1) (1,2) (1,3)
+    expected = [(0, 5), (1, 5), (1, 6), (2, 8), (3, 8), (3, 9), (4, 8), (4, 9)]
+    expected += [(5, 8), (5, 9), (5, 4)]
+    assert got == sorted(expected)
+
+
+def test_later_items_are_the_next_k_after_each_target():
+    from twotower.model.module import later_items
+
+    items = torch.tensor([[0, 5, 6, 7, 8]])  # inputs [0, 5, 6, 7], targets [5, 6, 7, 8]
+    got = later_items(items, 2)[0].tolist()
+    # position 1 (input 5, target 6) should also rank 7 and 8; the last target has no future
+    assert got == [[6, 7], [7, 8], [8, 0], [0, 0]]
+
+
 def test_sampler_buckets_by_length_and_depends_only_on_seed_and_epoch():
     from twotower.data.datamodule import EpochShuffleSampler
 

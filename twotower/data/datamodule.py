@@ -1,9 +1,10 @@
 """The Lightning DataModule: prepared data -> training windows and evaluation batches.
 
 Training: every training sequence (positive events only) is cut, from its end backwards, into
-non-overlapping windows of ``window + 1`` items, left-padded with 0. A window gives ``window``
-next-item examples at once (input position ``t`` predicts item ``t + 1``), and every positive
-event after the first of its sequence is a target in exactly one window.
+windows of ``window + 1`` items, left-padded with 0. A window gives ``window`` next-item examples
+at once (input position ``t`` predicts item ``t + 1``). By default the windows do not overlap and
+every positive event after the first of its sequence is a target in exactly one window;
+``window_stride < window`` overlaps them (each target then appears behind several contexts).
 
 Evaluation: the last ``window`` items of each validation/test history, left-padded, with the
 target and, when the data's ``filter_seen`` is on, the already-seen items as a CSR slice.
@@ -40,12 +41,17 @@ def left_pad_last(values: np.ndarray, offsets: np.ndarray, length: int) -> np.nd
     return out
 
 
-def build_windows(seqs: Sequences, window: int) -> dict[str, np.ndarray]:
+def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np.ndarray]:
     """Training windows of the positive events of every sequence (vectorised).
+
+    Windows end at the last event, then every ``stride`` events backwards. ``stride = window``
+    (or 0) cuts non-overlapping windows; a smaller stride overlaps them, so a target is seen
+    behind ``window / stride`` different amounts of context (augmentation).
 
     Args:
         seqs: Training sequences.
         window: ``L``: inputs per window (each window holds ``L + 1`` items).
+        stride: Events between the ends of consecutive windows, ``1..L`` (0 = ``L``).
 
     Returns:
         ``items [W, L+1]`` int64 (0 = pad), ``hours [W, L+1]`` int64 (-1 unknown),
@@ -53,6 +59,9 @@ def build_windows(seqs: Sequences, window: int) -> dict[str, np.ndarray]:
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    stride = stride or window
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be in 1..{window} (0 = window), got {stride}")
     num_seq = len(seqs)
     seq_of = np.repeat(np.arange(num_seq), seqs.lengths)
     keep = seqs.positive.astype(bool)
@@ -60,10 +69,10 @@ def build_windows(seqs: Sequences, window: int) -> dict[str, np.ndarray]:
     seq_of = seq_of[keep]
     n = np.bincount(seq_of, minlength=num_seq)  # positives per sequence
     starts = np.cumsum(n) - n
-    per_seq = np.where(n >= 2, (n - 2) // window + 1, 0)  # ceil((n - 1) / L) windows
+    per_seq = np.where(n >= 2, (n - 2) // stride + 1, 0)  # ceil((n - 1) / stride) windows
     w_seq = np.repeat(np.arange(num_seq), per_seq)  # [W]
     k = np.arange(len(w_seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)  # 0 = latest
-    end = n[w_seq] - 1 - k * window  # [W] position of the last target in its sequence
+    end = n[w_seq] - 1 - k * stride  # [W] position of the last target in its sequence
     rel = end[:, None] - window + np.arange(window + 1)[None, :]  # [W, L+1]
     real = rel >= 0
     src = starts[w_seq][:, None] + np.maximum(rel, 0)  # [W, L+1]
@@ -280,6 +289,8 @@ class SessionDataModule(pl.LightningDataModule):
         batch_size: Training windows per batch (each gives up to ``window`` examples).
         eval_batch_size: Queries per evaluation batch.
         window: History length ``L`` of training windows and evaluation queries.
+        window_stride: Events between consecutive training windows of a sequence (0 =
+            ``window``: non-overlapping; smaller overlaps them, see :func:`build_windows`).
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (None: when CUDA is available).
         persistent_workers: Keep workers alive between epochs.
@@ -305,6 +316,7 @@ class SessionDataModule(pl.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         window: int = 50,
+        window_stride: int = 0,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
@@ -333,6 +345,7 @@ class SessionDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.window = window
+        self.window_stride = window_stride
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -382,7 +395,8 @@ class SessionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load the data (every rank) and build the training windows."""
         if stage in (None, "fit") and self._train is None:
-            self._train = WindowDataset(build_windows(self.data.train, self.window))
+            windows = build_windows(self.data.train, self.window, self.window_stride)
+            self._train = WindowDataset(windows)
 
     # ------------------------------------------------------------------ loaders
     def _loader(

@@ -32,6 +32,21 @@ and get pushed down (popularity bias). Items never seen in training are treated 
 **Full softmax** (``full_softmax=True``) scores every catalogue item: exact, no sampling, no
 correction; viable for catalogues of a few ten thousand items.
 
+**Seen-item exclusion** (``exclude``): when the data filters already-seen items (explicit
+ratings: a user rates a movie once), the target of a position is never one of the items before
+it, and evaluation removes them from the ranking anyway. Pushing them down in training wastes
+capacity on a contrast the evaluation never makes (and punishes exactly the items most similar
+to the history), so the caller may pass ``(query, item)`` pairs whose logits are set to
+:math:`-\infty` in every candidate source (full softmax, in-batch, sampled). A pair whose item is
+the query's own positive is ignored: the positive is always scored.
+
+**Dense all-action auxiliary term** (``aux_ids``, full softmax only): a query also predicts
+later items of its sequence (the next ``k`` after its target), each with the query's own softmax
+over the catalogue: ``aux_weight * sum_j -log softmax(s)[a_j] / k`` is added per query. It
+rewards a query that ranks the whole near future well, not only the very next item, which
+matters when the order inside a burst of events is arbitrary (many ratings share a timestamp).
+An auxiliary item that the query's exclusions mask (a repeat of a seen item) is skipped.
+
 **DDP**: each rank embeds its local distinct positives; ids and embeddings are all-gathered
 (embeddings with gradient, :func:`torch.distributed.nn.functional.all_gather`) and deduplicated
 in sorted-id order, so the candidate set is the same as one process with the whole batch. Each
@@ -136,7 +151,14 @@ class RetrievalLoss(nn.Module):
         return float(np.log(self.num_negatives / (self.num_items - 2)))
 
     def forward(
-        self, query_emb: Tensor, pos_ids: Tensor, item_fn: ItemFn, neg_ids: Tensor | None = None
+        self,
+        query_emb: Tensor,
+        pos_ids: Tensor,
+        item_fn: ItemFn,
+        neg_ids: Tensor | None = None,
+        exclude: tuple[Tensor, Tensor] | None = None,
+        aux_ids: Tensor | None = None,
+        aux_weight: float = 0.0,
     ) -> Tensor:
         """The loss of one (local) batch.
 
@@ -145,16 +167,36 @@ class RetrievalLoss(nn.Module):
             pos_ids: Positive item of every query ``[N]`` (never 0).
             item_fn: Maps item ids ``[K]`` to item embeddings ``[K, d]`` (the item tower).
             neg_ids: Uniformly sampled candidates ``[M]``, identical on every rank, or None.
+            exclude: ``(query index [P], item id [P])`` pairs removed from the candidates of
+                that query (already-seen items), or None.
+            aux_ids: Later items each query should also rank high ``[N, k]`` (values < 2 are
+                ignored), full softmax only; or None.
+            aux_weight: Weight of the auxiliary term.
 
         Returns:
             Scalar loss; the mean over the global batch once DDP averages gradients.
         """
-        logits, labels, n_global = self.logits(query_emb, pos_ids, item_fn, neg_ids)
-        loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        logits, labels, n_global = self.logits(query_emb, pos_ids, item_fn, neg_ids, exclude)
+        if aux_ids is None or aux_weight == 0.0 or aux_ids.shape[1] == 0:
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+        else:
+            if not self.full_softmax:
+                raise ValueError("auxiliary (dense) targets need full_softmax=True")
+            log_p = logits.log_softmax(dim=1)  # [N, V]
+            loss_sum = -log_p.gather(1, labels.unsqueeze(1)).sum()
+            aux_lp = log_p.gather(1, aux_ids.clamp(min=0))  # [N, k]
+            use = (aux_ids > 1) & torch.isfinite(aux_lp)  # [N, k]
+            aux_sum = -torch.where(use, aux_lp, torch.zeros_like(aux_lp)).sum()
+            loss_sum = loss_sum + aux_weight * aux_sum / aux_ids.shape[1]
         return loss_sum * (_world() / max(n_global, 1))
 
     def logits(
-        self, query_emb: Tensor, pos_ids: Tensor, item_fn: ItemFn, neg_ids: Tensor | None = None
+        self,
+        query_emb: Tensor,
+        pos_ids: Tensor,
+        item_fn: ItemFn,
+        neg_ids: Tensor | None = None,
+        exclude: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, int]:
         """Corrected candidate logits (what the cross-entropy sees).
 
@@ -163,6 +205,8 @@ class RetrievalLoss(nn.Module):
             pos_ids: Positive item per query ``[N]``.
             item_fn: Item ids ``[K]`` -> embeddings ``[K, d]``.
             neg_ids: Sampled candidates ``[M]`` or None.
+            exclude: ``(query index [P], item id [P])`` pairs masked to ``-inf`` (never the
+                query's own positive), or None.
 
         Returns:
             ``(logits [N, K] float32, labels [N], global number of queries)``. Columns: the whole
@@ -180,7 +224,11 @@ class RetrievalLoss(nn.Module):
             item_emb = item_fn(all_ids)  # [V, d]
             logits = (query_emb @ item_emb.T).float() * inv_t  # [N, V]
             reserved = all_ids < 2  # [V] pad and OOV are never candidates
-            return logits.masked_fill(reserved.unsqueeze(0), float("-inf")), pos_ids, n_global
+            logits = logits.masked_fill(reserved.unsqueeze(0), float("-inf"))
+            if exclude is not None:
+                rows, cols = _exclusions(exclude, pos_ids)
+                logits = logits.index_put((rows, cols), logits.new_tensor(float("-inf")))
+            return logits, pos_ids, n_global
         cand_ids, cand_emb = self._in_batch_candidates(pos_ids, item_fn, world)
         logits = (query_emb @ cand_emb.T).float() * inv_t  # [N, C]
         if self.logq:
@@ -195,6 +243,9 @@ class RetrievalLoss(nn.Module):
             hit = pos_ids.unsqueeze(1) == neg_ids.unsqueeze(0)  # [N, M] accidental hits
             neg_logits = neg_logits.masked_fill(hit, float("-inf"))
             logits = torch.cat([logits, neg_logits], dim=1)  # [N, C + M]
+            cand_ids = torch.cat([cand_ids, neg_ids])  # [C + M]
+        if exclude is not None:
+            logits = _mask_pairs(logits, cand_ids, _exclusions(exclude, pos_ids), self.num_items)
         return logits, labels, n_global
 
     def _in_batch_candidates(
@@ -226,3 +277,30 @@ class RetrievalLoss(nn.Module):
             0, inverse, order, reduce="amin"
         )  # [C] first occurrence of every distinct id
         return cand_ids, emb[first]
+
+
+def _exclusions(exclude: tuple[Tensor, Tensor], pos_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``(query, item)`` pairs to mask, without those naming the query's own positive."""
+    rows, items = exclude[0].to(pos_ids.device).long(), exclude[1].to(pos_ids.device).long()
+    keep = items != pos_ids[rows]  # [P]
+    return rows[keep], items[keep]
+
+
+def _mask_pairs(logits: Tensor, col_ids: Tensor, pairs: tuple[Tensor, Tensor], v: int) -> Tensor:
+    """Set ``logits[n, m]`` to ``-inf`` where ``(n, col_ids[m])`` is one of ``pairs``.
+
+    Args:
+        logits: ``[N, K]``.
+        col_ids: Item id of every column ``[K]`` (repeats allowed: all copies are masked).
+        pairs: ``(query index [P], item id [P])``.
+        v: Item vocabulary size (builds a unique key ``n * v + item``).
+    """
+    rows, items = pairs
+    if rows.numel() == 0:
+        return logits
+    keys = torch.unique(rows * v + items)  # [P'] sorted
+    n = logits.shape[0]
+    cand = torch.arange(n, device=logits.device).unsqueeze(1) * v + col_ids.unsqueeze(0)  # [N, K]
+    pos = torch.searchsorted(keys, cand).clamp(max=keys.numel() - 1)  # [N, K]
+    hit = keys[pos] == cand  # [N, K]
+    return logits.masked_fill(hit, float("-inf"))

@@ -12,6 +12,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from twotower.model.loss import RetrievalLoss
@@ -40,15 +41,31 @@ class TwoTowerModule(pl.LightningModule):
         use_context: Add hour of day and context type of the request to the query.
         use_item_features: Use the side features (artist, album, genres, year, audio) in the
             item tower; False = id embedding only.
+        item_features: Which side features to use when ``use_item_features`` (names from
+            ``artist``, ``album``, ``genres``, ``year``, ``audio``); None = all. E.g. HetRec's
+            items are artists, so its ``artist`` feature only repeats the item id.
         query_hidden: Hidden width of the query tower's output MLP (0 = one linear layer).
         item_hidden: Hidden width of the item tower's output MLP (0 = one linear layer).
         item_dropout: Dropout in the item tower's MLP.
         ffn_mult: Transformer feed-forward width as a multiple of ``id_dim``.
+        recency_bias: Learned ALiBi-style recency bias in the transformer's attention.
         temperature: Softmax temperature (initial value when learned).
         learn_temperature: Learn the temperature (clamped to [0.01, 1]).
         num_negatives: Uniformly sampled extra negatives per step (sampled softmax).
         logq: logQ correction of the sampled softmax.
         full_softmax: Score the whole catalogue in the loss (small catalogues).
+        mask_seen: Remove each position's earlier window items (except its target) from its
+            loss candidates: ``auto`` (when the data filters seen items, i.e. evaluation never
+            ranks them), ``on`` or ``off``.
+        dense_targets: Dense all-action auxiliary term: each position also predicts the
+            ``k`` items after its target (full softmax only; 0 = off).
+        dense_weight: Weight of that term relative to the next-item loss.
+        objective: ``next_item`` (a query at every window position predicts the next item) or
+            ``bag`` for unordered data (user-artist counts): each step holds out a random
+            ``bag_holdout`` share of every training row's items, queries with the mean of the
+            rest (``encoder: mean``) and scores the held-out items by a full softmax over the
+            catalogue with the query's own items masked out (see :meth:`bag_loss`).
+        bag_holdout: Share of a row's items held out as targets per step (``bag`` only).
         lr: Peak learning rate (AdamW).
         weight_decay: AdamW weight decay of matrices (not of biases, norms, temperature).
         warmup_steps: Linear warm-up steps.
@@ -79,15 +96,22 @@ class TwoTowerModule(pl.LightningModule):
         use_user: bool = False,
         use_context: bool = False,
         use_item_features: bool = True,
+        item_features: list[str] | None = None,
         query_hidden: int = 0,
         item_hidden: int = 0,
         item_dropout: float = 0.0,
         ffn_mult: int = 4,
+        recency_bias: bool = False,
         temperature: float = 0.05,
         learn_temperature: bool = False,
         num_negatives: int = 0,
         logq: bool = True,
         full_softmax: bool = False,
+        mask_seen: str = "auto",
+        dense_targets: int = 0,
+        dense_weight: float = 0.0,
+        objective: str = "next_item",
+        bag_holdout: float = 0.5,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -107,6 +131,15 @@ class TwoTowerModule(pl.LightningModule):
         super().__init__()
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if mask_seen not in ("auto", "on", "off"):
+            raise ValueError(f"mask_seen must be 'auto', 'on' or 'off', got {mask_seen!r}")
+        if objective not in ("next_item", "bag"):
+            raise ValueError(f"objective must be 'next_item' or 'bag', got {objective!r}")
+        if objective == "bag" and (encoder != "mean" or not 0.0 < bag_holdout < 1.0):
+            raise ValueError(
+                f"objective='bag' needs encoder='mean' and 0 < bag_holdout < 1, got "
+                f"encoder={encoder!r}, bag_holdout={bag_holdout}"
+            )
         self.save_hyperparameters()
         self.query_tower = QueryTower(
             num_items=num_items,
@@ -122,16 +155,23 @@ class TwoTowerModule(pl.LightningModule):
             use_hour=use_context,
             mlp_hidden=query_hidden,
             ffn_mult=ffn_mult,
+            recency_bias=recency_bias,
         )
-        side = use_item_features
+        names = ("artist", "album", "genres", "year", "audio")
+        unknown = set(item_features or ()) - set(names)
+        if unknown:
+            raise ValueError(f"item_features: unknown {sorted(unknown)}, choose from {names}")
+        use = {
+            n: use_item_features and (item_features is None or n in item_features) for n in names
+        }
         self.item_tower = ItemTower(
             self.query_tower.item_embedding,
             dim=dim,
-            num_artists=num_artists if side else 0,
-            num_albums=num_albums if side else 0,
-            num_genres=num_genres if side else 0,
-            num_year_buckets=num_year_buckets if side else 0,
-            num_audio=num_audio if side else 0,
+            num_artists=num_artists if use["artist"] else 0,
+            num_albums=num_albums if use["album"] else 0,
+            num_genres=num_genres if use["genres"] else 0,
+            num_year_buckets=num_year_buckets if use["year"] else 0,
+            num_audio=num_audio if use["audio"] else 0,
             hidden=item_hidden,
             dropout=item_dropout,
             max_genres=max_genres,
@@ -145,6 +185,7 @@ class TwoTowerModule(pl.LightningModule):
             full_softmax=full_softmax,
         )
         self._sequence_fn = self.query_tower.forward_sequence
+        self.mask_seen = mask_seen == "on"  # "auto" is resolved from the data in setup()
         self._val_ranks: list[Tensor] = []
         self._val_item_emb: Tensor | None = None
         self._last_batch_end: float | None = None
@@ -179,6 +220,8 @@ class TwoTowerModule(pl.LightningModule):
             "fingerprint": str(data.fingerprint),
             "filter_seen": bool(data.params.get("filter_seen", False)),
         }
+        if self.hparams.get("mask_seen", "auto") == "auto":
+            self.mask_seen = self.data_info["filter_seen"]
         if self.hparams.compile and stage == "fit":
             # dynamic: batches are trimmed to their longest window, so lengths vary
             self._sequence_fn = torch.compile(self.query_tower.forward_sequence, dynamic=True)
@@ -243,12 +286,58 @@ class TwoTowerModule(pl.LightningModule):
             inputs, batch["users"], hours[:, 1:], contexts[:, 1:]
         )  # [B, L', dim]
         valid = (inputs != 0) & (targets > 1)  # [B, L'] a history and a known target
-        loss = self.loss_fn(queries[valid], targets[valid], self.item_tower, self._negatives())
+        exclude = seen_pairs(inputs, valid) if self.mask_seen else None
+        k = int(self.hparams.get("dense_targets", 0))
+        aux = later_items(items, k)[valid] if k > 0 else None  # [N, k]
+        loss = self.loss_fn(
+            queries[valid],
+            targets[valid],
+            self.item_tower,
+            self._negatives(),
+            exclude,
+            aux,
+            float(self.hparams.get("dense_weight", 0.0)),
+        )
         return loss, int(valid.sum())
+
+    def bag_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        """Held-out-items loss of unordered data (``objective: bag``) and its example count.
+
+        Every row's real items (``items``, order ignored) are split at random: a share
+        ``bag_holdout`` become targets, the rest form the query (their mean, see
+        :meth:`QueryTower.forward_bag`). Every target is scored by a softmax over the whole
+        catalogue, with pad/OOV and the query's own items removed (evaluation filters seen
+        items, so they are never competitors there). Rows without an input or a target add
+        nothing.
+
+        Args:
+            batch: ``items [B, L+1]`` (0 = pad) and ``users [B]``.
+
+        Returns:
+            ``(mean negative log-likelihood of the targets, number of targets)``.
+        """
+        items = batch["items"]  # [B, L+1]
+        real = items > 1  # [B, L+1] (pad and OOV are never inputs or targets)
+        held = (torch.rand(items.shape, device=items.device) < self.hparams.bag_holdout) & real
+        keep = real & ~held  # [B, L+1]
+        held = held & keep.any(dim=1, keepdim=True)  # a target needs a non-empty query
+        query_emb = self.query_tower.forward_bag(items, keep, batch["users"])  # [B, dim]
+        item_emb = self.item_tower(torch.arange(self.hparams.num_items, device=items.device))
+        scores = (query_emb @ item_emb.T).float() / self.loss_fn.temperature  # [B, V]
+        masked = torch.zeros_like(scores, dtype=torch.bool)  # [B, V]
+        masked[:, :2] = True
+        masked.scatter_(1, torch.where(keep, items, 0), True)
+        log_p = scores.masked_fill(masked, float("-inf")).log_softmax(dim=-1)  # [B, V]
+        target_log_p = log_p.gather(1, items).masked_fill(~held, 0.0)  # [B, L+1]
+        n = int(held.sum())
+        return -target_log_p.sum() / max(n, 1), n
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Sequence-wise step: a query at every input position predicts the next item."""
-        loss, n = self.sequence_loss(batch)
+        if self.hparams.get("objective", "next_item") == "bag":
+            loss, n = self.bag_loss(batch)
+        else:
+            loss, n = self.sequence_loss(batch)
         self._examples = n
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         self.log("train/temperature", self.loss_fn.temperature.detach(), batch_size=n)
@@ -418,6 +507,45 @@ class TwoTowerModule(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def later_items(items: Tensor, k: int) -> Tensor:
+    """The ``k`` items after each position's target (0 past the window's end).
+
+    Args:
+        items: A window ``[B, L+1]``: position ``t`` has input ``items[:, t]`` and target
+            ``items[:, t+1]``.
+        k: Items to take after the target.
+
+    Returns:
+        ``[B, L, k]``: entry ``[b, t, j]`` is ``items[b, t + 2 + j]``.
+    """
+    length = items.shape[1] - 1
+    later = F.pad(items[:, 2:], (0, k))  # [B, L-1+k]
+    return torch.stack([later[:, j : j + length] for j in range(k)], dim=-1)  # [B, L, k]
+
+
+def seen_pairs(inputs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """``(query index, item id)`` of every earlier window item of every query position.
+
+    Position ``t`` of row ``b`` has seen ``inputs[b, :t+1]``; queries are the ``valid``
+    positions in row-major order (as ``queries[valid]`` flattens them). Pad and OOV are left out.
+
+    Args:
+        inputs: Left-padded input items ``[B, L]``.
+        valid: Positions that are queries ``[B, L]``.
+
+    Returns:
+        ``(rows [P], items [P])`` for :class:`~twotower.model.loss.RetrievalLoss`'s ``exclude``.
+    """
+    length = inputs.shape[1]
+    ar = torch.arange(length, device=inputs.device)
+    upto = ar.unsqueeze(0) <= ar.unsqueeze(1)  # [L(t), L(s)] s <= t
+    query_index = valid.flatten().long().cumsum(0).view_as(valid) - 1  # [B, L]
+    item = inputs.unsqueeze(1).expand(-1, length, -1)  # [B, L(t), L(s)]
+    keep = upto.unsqueeze(0) & valid.unsqueeze(2) & (item > 1)  # [B, L(t), L(s)]
+    rows = query_index.unsqueeze(2).expand_as(item)[keep]  # [P]
+    return rows, item[keep]
 
 
 def _text(row: Any, col: str) -> str:

@@ -68,7 +68,7 @@ class CausalSelfAttentionBlock(nn.Module):
         Args:
             x: Inputs ``[B, L, d]``.
             allowed: Boolean attention mask ``[B, 1, L, L]``, True where query ``i`` may attend
-                to key ``j``.
+                to key ``j``; or an additive float mask ``[B, H, L, L]`` (``-inf`` = blocked).
 
         Returns:
             ``[B, L, d]``.
@@ -101,6 +101,10 @@ class QueryTower(nn.Module):
         use_hour: Add an hour-of-day embedding of the request (the target event).
         mlp_hidden: Hidden width of the output MLP; 0 = a single linear projection.
         ffn_mult: Transformer feed-forward width as a multiple of ``id_dim``.
+        recency_bias: Transformer only: add ``-slope_h * (i - j)`` to the attention logit of
+            query ``i`` and key ``j`` (ALiBi), with a learned slope per head (initialised at
+            ALiBi's geometric slopes), so every position can weight recent events up whatever
+            its absolute position.
     """
 
     def __init__(
@@ -118,6 +122,7 @@ class QueryTower(nn.Module):
         use_hour: bool = False,
         mlp_hidden: int = 0,
         ffn_mult: int = 4,
+        recency_bias: bool = False,
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
@@ -138,6 +143,7 @@ class QueryTower(nn.Module):
             "use_hour": bool(use_hour),
             "mlp_hidden": int(mlp_hidden),
             "ffn_mult": int(ffn_mult),
+            "recency_bias": bool(recency_bias),
         }
         self.encoder = encoder
         self.max_len = max_len
@@ -155,6 +161,10 @@ class QueryTower(nn.Module):
                 for _ in range(num_layers)
             )
             self.final_norm = nn.LayerNorm(id_dim)
+            self.recency_slope = None
+            if recency_bias:
+                slopes = [2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)]
+                self.recency_slope = nn.Parameter(torch.log(torch.tensor(slopes)))  # [H] log
         elif encoder == "gru":
             self.gru = nn.GRU(
                 id_dim,
@@ -219,9 +229,13 @@ class QueryTower(nn.Module):
         eye = ar.unsqueeze(1) == ar.unsqueeze(0)  # [L, L]
         # Query i attends to real keys j <= i; a pad query attends to itself only (no NaN rows).
         allowed = (causal & real.unsqueeze(1)) | eye  # [B, L, L]
-        allowed = allowed.unsqueeze(1)  # [B, 1, L, L]
+        mask: Tensor = allowed.unsqueeze(1)  # [B, 1, L, L]
+        if self.recency_slope is not None:
+            age = (ar.unsqueeze(1) - ar.unsqueeze(0)).clamp(min=0).to(x.dtype)  # [L, L] i - j
+            bias = -self.recency_slope.exp().to(x.dtype).view(-1, 1, 1) * age  # [H, L, L]
+            mask = bias.unsqueeze(0).masked_fill(~mask, float("-inf"))  # [B, H, L, L]
         for block in self.blocks:
-            x = block(x, allowed)  # [B, L, id_dim]
+            x = block(x, mask)  # [B, L, id_dim]
         return self.final_norm(x)
 
     def _encode_gru(self, x: Tensor, real: Tensor) -> Tensor:
@@ -306,6 +320,35 @@ class QueryTower(nn.Module):
             history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
         states = self.encode(history)[:, -1]  # [B, id_dim]
         return self._combine(states, users, hours, contexts)
+
+    # ------------------------------------------------------------------ unordered data (bags)
+    def forward_bag(self, items: Tensor, keep: Tensor, users: Tensor | None = None) -> Tensor:
+        """The query of a bag of items (no order): the mean of the kept items' embeddings.
+
+        For unordered data (e.g. user-artist play counts). Only the ``mean`` encoder has a bag
+        form, and it equals what :meth:`forward` computes for the whole history (the running
+        mean at the last position), so a model trained on bags serves unchanged.
+
+        Args:
+            items: Item indices ``[B, L]`` in any order (0 = pad).
+            keep: Which items form the query ``[B, L]`` (the others are left out, e.g. the
+                held-out targets of the bag).
+            users: User indices ``[B]`` or None.
+
+        Returns:
+            L2-normalised queries ``[B, dim]``; a row that keeps nothing gets the query of an
+            empty history.
+
+        Raises:
+            ValueError: The encoder is not ``mean``.
+        """
+        if self.encoder != "mean":
+            raise ValueError(f"forward_bag needs encoder='mean', got {self.encoder!r}")
+        keep = keep & (items != 0)  # [B, L]
+        x = self.input_dropout(self.item_embedding(items))  # [B, L, id_dim]
+        total = (x * keep.unsqueeze(-1).to(x.dtype)).sum(dim=1)  # [B, id_dim]
+        count = keep.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # [B, 1]
+        return self._combine(total / count, users, None, None)
 
 
 class ItemTower(nn.Module):
