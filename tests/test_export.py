@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import twotower.export as export_mod
+import twotower.onnx_export as onnx_export_mod
 from twotower.export import (
     ArtifactError,
     export_checkpoint,
@@ -243,7 +244,7 @@ def test_onnx_parity(exact_artifact, reference) -> None:
 
 
 def test_onnx_mismatch_fails_the_export(tmp_path, planted_parts, monkeypatch) -> None:
-    monkeypatch.setattr(export_mod, "ONNX_TOLERANCE", -1.0)
+    monkeypatch.setattr(onnx_export_mod, "ONNX_TOLERANCE", -1.0)
     with pytest.raises(ArtifactError, match="ONNX query tower differs from torch"):
         write_artifact(tmp_path / "art", onnx=True, **planted_parts)
     assert not (tmp_path / "art").exists()

@@ -188,7 +188,7 @@ def _tower_encoder(tower: torch.nn.Module) -> Encoder:
 
 def side_from_artifact(path: str | Path, name: str | None = None) -> ModelSide:
     """A :class:`ModelSide` from an artifact folder (checksums verified)."""
-    from twotower.export import load_query_tower, verify_artifact
+    from twotower.artifact import load_query_tower, verify_artifact
 
     path = Path(path)
     manifest = verify_artifact(path)

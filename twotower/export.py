@@ -1,4 +1,4 @@
-"""The artifact folder: writer (from a checkpoint or from raw parts) and reader.
+"""The artifact folder writer (from a checkpoint or raw parts); reader: :mod:`twotower.artifact`.
 
 Layout (``FORMAT_VERSION`` 1.x; see DESIGN.md "Artifact folder")::
 
@@ -34,10 +34,7 @@ from __future__ import annotations
 import ctypes
 import datetime as dt
 import errno
-import hashlib
-import importlib
 import inspect
-import io
 import json
 import logging
 import os
@@ -45,7 +42,6 @@ import shutil
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,9 +51,26 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from twotower import __version__
+from twotower.artifact import (  # noqa: F401  (the reader side is re-exported here)
+    FORMAT_MAJOR,
+    FORMAT_VERSION,
+    HASHED_FORMAT_VERSION,
+    HOLDOUT_FILE,
+    MANIFEST,
+    ONNX_FILE,
+    QUERY_TOWER_FILE,
+    REQUIRED_FILES,
+    STREAMING_DATAMODULE,
+    TUNE_QUERIES,
+    ArtifactError,
+    load_query_tower,
+    read_manifest,
+    sha256_file,
+    tower_class,
+    verify_artifact,
+)
 from twotower.index import (
     build_index,
     get_search_params,
@@ -65,137 +78,9 @@ from twotower.index import (
     search_param_name,
     tune_index,
 )
+from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
 
 log = logging.getLogger("twotower")
-
-FORMAT_VERSION = "1.0"
-FORMAT_MAJOR = 1
-#: Written by exports of a hashed item vocabulary: 1.1 adds ``item_vocab`` (and ``user_vocab``)
-#: hash descriptions to the manifest and a ``raw_ids`` column to ``items.parquet``. A 1.0
-#: reader still serves them safely: it looks ids up in ``vocab.json``, which maps every
-#: bucket's most played raw id (others are reported unknown, never mis-mapped).
-HASHED_FORMAT_VERSION = "1.1"
-STREAMING_DATAMODULE = "twotower.data.stream_module.StreamingSessionDataModule"
-MANIFEST = "manifest.json"
-REQUIRED_FILES = ("index.faiss", "items.parquet", "item_embeddings.npy", "vocab.json")
-QUERY_TOWER_FILE = "query_tower.pt"
-ONNX_FILE = "query_tower.onnx"
-HOLDOUT_FILE = "holdout.parquet"
-ONNX_TOLERANCE = 1e-4
-TUNE_QUERIES = 10_000  # validation queries used to tune and measure the ANN index
-ALLOWED_TOWER_PREFIX = "twotower."
-
-
-class ArtifactError(ValueError):
-    """An artifact folder is missing, corrupt, or from a newer format: the message says which."""
-
-
-# ---------------------------------------------------------------------------------- reading
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read ``manifest.json`` of an artifact folder and check its format version.
-
-    Args:
-        path: The artifact folder.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        ArtifactError: No folder or manifest, unreadable JSON, or a newer major format version.
-    """
-    path = Path(path)
-    file = path / MANIFEST
-    if not path.is_dir():
-        raise ArtifactError(f"{path}: artifact folder not found")
-    if not file.is_file():
-        raise ArtifactError(f"{file}: missing; {path} is not a complete twotower export")
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{file}: unreadable manifest ({e})") from e
-    version = str(manifest.get("format_version", "")) if isinstance(manifest, dict) else ""
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        raise ArtifactError(f"{file}: no valid format_version (got {version!r})") from None
-    if major > FORMAT_MAJOR:
-        raise ArtifactError(
-            f"{file}: artifact format {version} is newer than this twotower {__version__} can "
-            f"read (format {FORMAT_VERSION}); upgrade twotower or re-export with this version"
-        )
-    if not isinstance(manifest.get("files"), dict):
-        raise ArtifactError(f"{file}: no 'files' table of checksums")
-    return manifest
-
-
-def verify_artifact(path: str | Path) -> dict[str, Any]:
-    """Check the format version, then the size and sha256 of every file listed in the manifest.
-
-    Args:
-        path: The artifact folder.
-
-    Returns:
-        The manifest.
-
-    Raises:
-        ArtifactError: Naming the first missing, truncated or modified file.
-    """
-    path = Path(path)
-    manifest = read_manifest(path)
-    files: dict[str, dict[str, Any]] = manifest["files"]
-    for name in REQUIRED_FILES:
-        if name not in files:
-            raise ArtifactError(f"{path / MANIFEST}: lists no {name}")
-    for name, info in files.items():
-        f = path / name
-        if Path(name).name != name:
-            raise ArtifactError(f"{path / MANIFEST}: file name {name!r} is not a plain name")
-        if not f.is_file():
-            raise ArtifactError(f"{f}: missing (listed in the manifest)")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise ArtifactError(f"{f}: {size} bytes, the manifest says {info.get('bytes')}")
-        if sha256_file(f) != info.get("sha256"):
-            raise ArtifactError(f"{f}: checksum mismatch (the file was modified or corrupted)")
-    return manifest
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tower_class(manifest: dict[str, Any]) -> type[nn.Module]:
-    """The query tower class named in the manifest (only classes of this package)."""
-    name = str(manifest["query_tower"]["class"])
-    module, _, cls = name.rpartition(".")
-    if not name.startswith(ALLOWED_TOWER_PREFIX) or not module:
-        raise ArtifactError(f"query tower class {name!r} is not a twotower class")
-    return getattr(importlib.import_module(module), cls)
-
-
-def load_query_tower(path: str | Path, manifest: dict[str, Any] | None = None) -> nn.Module:
-    """The standalone query tower of an artifact (eval mode; no Lightning involved).
-
-    Args:
-        path: The artifact folder.
-        manifest: Its manifest (read, unverified, when None).
-    """
-    path = Path(path)
-    manifest = manifest or read_manifest(path)
-    tower = tower_class(manifest)(**manifest["query_tower"]["args"])
-    try:
-        state = torch.load(path / QUERY_TOWER_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (refused objects), RuntimeError (damaged zip)
-        raise ArtifactError(
-            f"{path / QUERY_TOWER_FILE}: cannot be loaded with weights_only=True ({e})"
-        ) from e
-    tower.load_state_dict(state)
-    return tower.eval()
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -456,122 +341,6 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
-
-
-# ---------------------------------------------------------------------------------- ONNX
-class _OnnxQuery(nn.Module):
-    """The query tower with exactly the inputs it uses (ONNX graphs take no optional inputs)."""
-
-    def __init__(self, tower: nn.Module, inputs: list[str]) -> None:
-        super().__init__()
-        self.tower = tower
-        self.inputs = inputs
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kw = dict(zip(self.inputs, args, strict=True))
-        return self.tower(
-            kw["history"], kw.get("users"), kw.get("hours"), kw.get("contexts")
-        )  # [B, dim]
-
-
-def onnx_inputs(config: dict[str, Any]) -> list[str]:
-    """Input names of the ONNX query tower for a QueryTower config."""
-    names = ["history"]
-    if config.get("num_users", 0) > 0:
-        names.append("users")
-    if config.get("use_hour", False):
-        names.append("hours")
-    if config.get("num_contexts", 0) > 0:
-        names.append("contexts")
-    return names
-
-
-def example_query_inputs(
-    config: dict[str, Any], batch: int, length: int, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Random valid inputs (variable left padding) for parity checks."""
-    g = torch.Generator().manual_seed(seed)
-    history = torch.randint(2, config["num_items"], (batch, length), generator=g)
-    pad = torch.randint(0, length, (batch,), generator=g)  # [B] padding per row
-    history[torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)] = 0
-    out = {"history": history}
-    if config.get("num_users", 0) > 0:
-        out["users"] = torch.randint(0, config["num_users"], (batch,), generator=g)
-    if config.get("use_hour", False):
-        out["hours"] = torch.randint(-1, 24, (batch,), generator=g)
-    if config.get("num_contexts", 0) > 0:
-        out["contexts"] = torch.randint(0, config["num_contexts"], (batch,), generator=g)
-    return out
-
-
-class _PortableOps(TorchFunctionMode):
-    """Trace ONNX-portable equivalents of ops whose boolean forms onnxruntime cannot run.
-
-    ``cumsum`` of a bool tensor (torch sums it as int64) is traced on an int64 copy, and
-    ``torch.eye(..., dtype=torch.bool)`` as a float identity compared with 0; results are
-    identical, only the exported graph changes.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
-        kwargs = kwargs or {}
-        if func in (torch.cumsum, torch.Tensor.cumsum) and args[0].dtype == torch.bool:
-            return func(args[0].long(), *args[1:], **kwargs)
-        if func is torch.eye and kwargs.get("dtype") == torch.bool:
-            return func(*args, **{**kwargs, "dtype": torch.float32}) != 0
-        return func(*args, **kwargs)
-
-
-def export_onnx(tower: nn.Module, path: Path, history_len: int) -> dict[str, Any]:
-    """Write the query tower as ONNX and compare it with torch on random inputs.
-
-    Raises:
-        ArtifactError: onnxruntime disagrees with torch by more than 1e-4.
-        ImportError: onnx/onnxruntime are not installed (the ``onnx`` extra).
-    """
-    import onnxruntime as ort
-
-    was_training = tower.training
-    tower.eval()
-    inputs = onnx_inputs(tower.config)
-    wrapper = _OnnxQuery(tower, inputs).eval()
-    example = example_query_inputs(tower.config, 4, history_len)
-    dynamic = {name: {0: "batch"} for name in inputs}
-    dynamic["history"] = {0: "batch", 1: "length"}
-    dynamic["query_emb"] = {0: "batch"}
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), _PortableOps():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            tuple(example[n] for n in inputs),
-            buf,
-            input_names=inputs,
-            output_names=["query_emb"],
-            dynamic_axes=dynamic,
-            opset_version=17,
-            dynamo=False,
-        )
-    path.write_bytes(buf.getvalue())
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    check = example_query_inputs(tower.config, 64, history_len, seed=1)
-    with torch.no_grad():
-        expected = wrapper(*(check[n] for n in inputs)).numpy()  # [B, dim]
-    got = session.run(None, {n: check[n].numpy() for n in inputs})[0]
-    diff = float(np.abs(got - expected).max())
-    tower.train(was_training)
-    if not diff <= ONNX_TOLERANCE:
-        raise ArtifactError(
-            f"ONNX query tower differs from torch by {diff:.3g} > {ONNX_TOLERANCE} "
-            f"(opset 17, {len(check['history'])} random histories)"
-        )
-    return {
-        "file": ONNX_FILE,
-        "inputs": inputs,
-        "output": "query_emb",
-        "opset": 17,
-        "max_abs_diff": diff,
-        "checked_queries": len(check["history"]),
-    }
 
 
 # ---------------------------------------------------------------------------------- checkpoint

@@ -29,13 +29,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from twotower.data.hashing import HashVocab
-from twotower.export import (
+from twotower.artifact import (
     ArtifactError,
     load_query_tower,
     read_manifest,
     verify_artifact,
 )
+from twotower.data.hashing import HashVocab
 from twotower.index import check_index, load_index, set_search_param
 
 NUM_HOURS = 24
