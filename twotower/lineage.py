@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from twotower import __version__
+from twotower.artifact import sha256_file
 
 LINEAGE_VERSION = 1
 LINEAGE_FILE = "lineage.json"
@@ -70,15 +71,6 @@ RUN_ONLY_FIELDS = ("finished", "stages")
 def now_iso() -> str:
     """The current UTC time as an ISO string (seconds)."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict[str, str | None]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from twotower.artifact import (
+    STREAMING_DATAMODULE,
     ArtifactError,
     load_query_tower,
     read_manifest,
@@ -486,7 +487,7 @@ def write_split_recommendations(
     dm_hp = data_info.get("datamodule")
     if not dm_hp:
         raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
-    if "StreamingSessionDataModule" in str(data_info.get("datamodule_class", "")):
+    if data_info.get("datamodule_class") == STREAMING_DATAMODULE:
         raise ArtifactError(
             f"{retriever.path}: split recommendations are not supported for a model trained "
             "from a stream (use holdout.parquet, or Retriever.recommend_batch on your queries)"
