@@ -246,6 +246,11 @@ def write_artifact(
         raise ValueError(
             f"the query tower makes {config.get('dim')}-d vectors but item_emb is {dim}-d"
         )
+    if config.get("item_bias") and metric != "ip":
+        raise ValueError(
+            f"metric={metric!r}: an item_bias model scores by inner product (its last "
+            "coordinate is a bias, not a position); export it with metric='ip'"
+        )
     history_len = int(history_len or config.get("max_len", 50))
 
     t0 = time.perf_counter()
@@ -323,7 +328,11 @@ def write_artifact(
             f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
             for f in sorted(tmp.iterdir())
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default))
+        # the manifest is what makes a folder look like an export: write it whole or not at
+        # all (a kill in the middle of write_text left a truncated manifest.json in scratch)
+        part = tmp / f"{MANIFEST}.part"
+        part.write_text(json.dumps(manifest, indent=1, default=_json_default))
+        os.replace(part, tmp / MANIFEST)
     return out
 
 
