@@ -143,6 +143,8 @@ class Retriever:
         self.history_len = int(manifest["query_tower"].get("history_len") or cfg["max_len"])
         self.history_len = min(self.history_len, int(cfg["max_len"]))
         self.filter_seen = bool((manifest.get("data") or {}).get("filter_seen", False))
+        # the last coordinate of an item vector is its learned bias (popularity), not taste
+        self.item_bias = bool(cfg.get("item_bias", False))
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -419,13 +421,18 @@ class Retriever:
     def similar_tracks(self, track_id: str, k: int = 10) -> Recommendations:
         """Tracks whose vectors are closest to ``track_id``'s (the track itself excluded).
 
+        With an item bias (``item_bias`` models) the query is the track's normalised part with
+        the bias coordinate zeroed: scores are cosines, popularity does not pull results.
+
         Raises:
             UnknownTrackError: ``track_id`` is not in the catalogue (a KeyError).
         """
         row = int(self.rows_of([track_id])[0])
         if row < 0:
             raise UnknownTrackError(f"unknown track id {track_id!r}: not in this catalogue")
-        vec = np.asarray(self.item_emb[row : row + 1], dtype=np.float32)  # [1, d]
+        vec = np.array(self.item_emb[row : row + 1], dtype=np.float32)  # [1, d] (a copy)
+        if self.item_bias:
+            vec[:, -1] = 0.0
         rows, scores = self._search(vec, k, [np.array([row])])[0]
         return self._result(rows, scores, [], [])
 

@@ -49,6 +49,9 @@ class TwoTowerModule(pl.LightningModule):
         item_dropout: Dropout in the item tower's MLP.
         ffn_mult: Transformer feed-forward width as a multiple of ``id_dim``.
         recency_bias: Learned ALiBi-style recency bias in the transformer's attention.
+        item_bias: A learned per-item bias (popularity) folded into the dot product: the last
+            of the ``dim`` coordinates is 1 in the query and the bias in the item vector, the
+            other ``dim - 1`` are L2-normalised, so exports and indexes serve it as is.
         temperature: Softmax temperature (initial value when learned).
         learn_temperature: Learn the temperature (clamped to [0.01, 1]).
         num_negatives: Uniformly sampled extra negatives per step (sampled softmax).
@@ -102,6 +105,7 @@ class TwoTowerModule(pl.LightningModule):
         item_dropout: float = 0.0,
         ffn_mult: int = 4,
         recency_bias: bool = False,
+        item_bias: bool = False,
         temperature: float = 0.05,
         learn_temperature: bool = False,
         num_negatives: int = 0,
@@ -156,6 +160,7 @@ class TwoTowerModule(pl.LightningModule):
             mlp_hidden=query_hidden,
             ffn_mult=ffn_mult,
             recency_bias=recency_bias,
+            item_bias=item_bias,
         )
         names = ("artist", "album", "genres", "year", "audio")
         unknown = set(item_features or ()) - set(names)
@@ -175,6 +180,7 @@ class TwoTowerModule(pl.LightningModule):
             hidden=item_hidden,
             dropout=item_dropout,
             max_genres=max_genres,
+            bias=item_bias,
         )
         self.loss_fn = RetrievalLoss(
             num_items,
@@ -485,7 +491,8 @@ class TwoTowerModule(pl.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+            matrix = p.ndim >= 2 and "norm" not in name and not name.endswith("bias.weight")
+            (decay if matrix else no_decay).append(p)
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},

@@ -105,6 +105,10 @@ class QueryTower(nn.Module):
             query ``i`` and key ``j`` (ALiBi), with a learned slope per head (initialised at
             ALiBi's geometric slopes), so every position can weight recent events up whatever
             its absolute position.
+        item_bias: Reserve the last of the ``dim`` coordinates for a constant 1 (the head
+            outputs ``dim - 1`` normalised coordinates), matching an :class:`ItemTower` built
+            with ``bias=True``: the dot product becomes ``cos(q, e) + b_item``, a learned
+            per-item bias (popularity) that any inner-product index serves unchanged.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class QueryTower(nn.Module):
         mlp_hidden: int = 0,
         ffn_mult: int = 4,
         recency_bias: bool = False,
+        item_bias: bool = False,
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
@@ -145,6 +150,11 @@ class QueryTower(nn.Module):
             "ffn_mult": int(ffn_mult),
             "recency_bias": bool(recency_bias),
         }
+        if item_bias:  # only when on: configs of older exports stay valid as they are
+            if dim < 2:
+                raise ValueError(f"item_bias needs dim >= 2 (one is the bias), got {dim}")
+            self._config["item_bias"] = True
+        self.item_bias = bool(item_bias)
         self.encoder = encoder
         self.max_len = max_len
         self.id_dim = id_dim
@@ -186,7 +196,7 @@ class QueryTower(nn.Module):
         if num_contexts > 0:
             self.context_embedding = nn.Embedding(num_contexts, id_dim, padding_idx=0)
             in_dim += id_dim
-        self.head = _head(in_dim, mlp_hidden, dim, dropout)
+        self.head = _head(in_dim, mlp_hidden, dim - 1 if item_bias else dim, dropout)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -272,7 +282,10 @@ class QueryTower(nn.Module):
             c = torch.zeros(lead, dtype=torch.long, device=states.device)
             parts.append(self.context_embedding(c if contexts is None else contexts.expand(lead)))
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else states
-        return F.normalize(self.head(x), dim=-1)
+        query_emb = F.normalize(self.head(x), dim=-1)  # [..., dim or dim - 1]
+        if self.item_bias:
+            query_emb = F.pad(query_emb, (0, 1), value=1.0)  # [..., dim]: times the item bias
+        return query_emb
 
     def forward_sequence(
         self,
@@ -370,6 +383,8 @@ class ItemTower(nn.Module):
         dropout: Dropout in the MLP.
         max_genres: Genres per item ``G`` (the buffer width; resized by :meth:`set_features`).
         feature_dim: Embedding size of each side feature (default ``id_dim // 2``).
+        bias: Learned per-item bias as the last of the ``dim`` coordinates (the other
+            ``dim - 1`` are L2-normalised); pair with a ``QueryTower(item_bias=True)``.
     """
 
     def __init__(
@@ -385,6 +400,7 @@ class ItemTower(nn.Module):
         dropout: float = 0.0,
         max_genres: int = 1,
         feature_dim: int | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         self.id_embedding = id_embedding
@@ -413,7 +429,13 @@ class ItemTower(nn.Module):
         self.register_buffer("genres", torch.zeros(num_items, max(max_genres, 1), dtype=torch.long))
         self.register_buffer("year", torch.zeros(num_items, dtype=torch.long))
         self.register_buffer("audio", torch.zeros(num_items, max(num_audio, 0)))
-        self.head = _head(in_dim, hidden, dim, dropout)
+        self.head = _head(in_dim, hidden, dim - 1 if bias else dim, dropout)
+        self.bias: nn.Embedding | None = None
+        if bias:
+            if dim < 2:
+                raise ValueError(f"bias needs dim >= 2 (one coordinate is the bias), got {dim}")
+            self.bias = nn.Embedding(num_items, 1)
+            nn.init.zeros_(self.bias.weight)
 
     @property
     def has_side_features(self) -> bool:
@@ -481,7 +503,8 @@ class ItemTower(nn.Module):
             ids: Item indices ``[N]`` (any shape ``[...]`` works).
 
         Returns:
-            L2-normalised ``[N, dim]``.
+            ``[N, dim]``: L2-normalised, or with ``bias`` the first ``dim - 1`` coordinates
+            L2-normalised and the item's bias last.
         """
         shape = ids.shape
         ids = ids.reshape(-1)
@@ -497,4 +520,7 @@ class ItemTower(nn.Module):
         if self.audio_projection is not None:
             parts.append(self.audio_projection(self.audio[ids]))  # [N, fd]
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        return F.normalize(self.head(x), dim=-1).reshape(*shape, -1)
+        item_emb = F.normalize(self.head(x), dim=-1)  # [N, dim or dim - 1]
+        if self.bias is not None:
+            item_emb = torch.cat([item_emb, self.bias(ids).to(item_emb.dtype)], dim=-1)  # [N, dim]
+        return item_emb.reshape(*shape, -1)
