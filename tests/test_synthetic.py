@@ -161,3 +161,44 @@ def test_bad_options():
         load("some/file.csv", preset="tiny")
     with pytest.raises(DataError, match="max_session_length"):
         make_config("tiny", max_session_length=51)
+
+
+def _mean_log_likelihood(truth, states, rows) -> float:
+    from twotower.data.synthetic import next_play_law
+
+    total = 0.0
+    for i in rows:
+        law = next_play_law(truth, states["user"][i], states["prev"][i], states["home"][i])
+        total += np.log(law[states["track"][i]] / law.sum())
+    return total / len(rows)
+
+
+def test_next_play_law_is_the_generators_law():
+    """The law that scores the Bayes ceiling (bench/synthetic_ceiling.py) is the generator's:
+    real plays are likelier under it than under laws with the step probabilities moved, it sums
+    to one before skips, and skips happen at the configured rates."""
+    from dataclasses import replace
+
+    from twotower.data.synthetic import generate, next_play_law, play_states
+
+    cfg = make_config("tiny")
+    plays, _, truth = generate(cfg)
+    states = play_states(plays, truth)
+    no_skips = replace(truth, config=replace(cfg, skip_rate=0.0, skip_rate_off=0.0))
+    rows = np.random.default_rng(0).choice(len(plays), 3000, replace=False)
+    for prev in (-1, int(states["track"][5])):
+        law = next_play_law(no_skips, 0, prev, int(truth.track_cluster[max(prev, 0)]))
+        assert law.sum() == pytest.approx(1.0)
+        if prev >= 0:
+            assert law[prev] < 0.01  # immediate repeats are redrawn
+    exact = _mean_log_likelihood(no_skips, states, rows)
+    for moved in ({"p_same_artist": 0.15}, {"p_same_artist": 0.45}, {"p_drift": 0.2}):
+        other = replace(truth, config=replace(no_skips.config, **moved))
+        assert exact > _mean_log_likelihood(other, states, rows) + 0.01, moved
+    # sessions open inside one of the user's tastes, from the cluster of the session
+    opens = states["prev"] < 0
+    tastes = truth.user_tastes[states["user"][opens]]
+    assert (tastes == truth.track_cluster[states["track"][opens]][:, None]).any(axis=1).all()
+    on = (truth.user_tastes[states["user"]] == truth.track_cluster[states["track"]][:, None]).any(1)
+    assert states["skipped"][on].mean() == pytest.approx(cfg.skip_rate, abs=0.02)
+    assert states["skipped"][~on].mean() == pytest.approx(cfg.skip_rate_off, abs=0.06)

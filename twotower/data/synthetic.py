@@ -500,3 +500,81 @@ def load(
 def expected_plays(cfg: SyntheticConfig) -> int:
     """Expected number of plays for ``cfg`` (before randomness)."""
     return math.ceil(cfg.users_for_plays() * cfg.sessions_per_user * cfg.mean_length)
+
+
+def next_play_law(truth: SyntheticTruth, user: int, prev: int, home: int) -> np.ndarray:
+    """The generator's own probability of each track being the next *listened* play.
+
+    The Bayes-optimal scores for next-track prediction on synthetic data (a ceiling for any
+    model): ``P(next = t | previous play, session cluster) * P(not skipped | t, user)``, with the
+    generator's same-artist step, drift, cluster draw and repeat redraws, exactly as
+    :func:`generate` samples them.
+
+    Args:
+        truth: The planted structure (:func:`ground_truth`).
+        user: User number (row of ``truth.user_tastes``).
+        prev: Track number of the session's previous play (skipped or not); -1 when the next
+            play opens the session (then its cluster is one of the user's tastes, uniformly).
+        home: The session's cluster (that of its first play); ignored when ``prev`` is -1.
+
+    Returns:
+        ``[T]`` float64, unnormalised (the skip factor removes mass).
+    """
+    cfg = truth.config
+    cl, artist, w = truth.track_cluster, truth.track_artist, truth.track_weight
+    tastes = [int(c) for c in truth.user_tastes[user] if c >= 0]
+    if prev < 0:
+        law = sum(np.where(cl == c, w, 0.0) for c in tastes) / len(tastes)
+    else:
+        n_c = cfg.n_clusters
+        step = 1.0 - cfg.p_same_artist - cfg.p_drift
+        neighbours = [(home - 1) % n_c, (home + 1) % n_c] if n_c > 1 else [home]
+        shares = [(home, step)] + [(c, cfg.p_drift / len(neighbours)) for c in neighbours]
+        law = np.zeros(len(cl))
+        for c, share in shares:
+            draw = np.where(cl == c, w, 0.0)  # [T]
+            # a draw equal to the previous track is redrawn once from the same cluster
+            again = draw[prev]
+            law += share * draw * (1.0 + again)
+            law[prev] -= share * draw[prev] * (1.0 + again) - share * again * again
+        # same artist, by popularity inside the artist; a repeat moves to another of its tracks
+        mine = artist == artist[prev]
+        within = np.where(mine, w, 0.0) / w[mine].sum()  # [T]
+        n_t = int(mine.sum())
+        if n_t > 1:
+            within = within + np.where(mine, within[prev] / (n_t - 1), 0.0)
+            within[prev] = 0.0
+        law += cfg.p_same_artist * within
+    on_taste = np.isin(cl, tastes)
+    return law * np.where(on_taste, 1.0 - cfg.skip_rate, 1.0 - cfg.skip_rate_off)
+
+
+def play_states(interactions: pd.DataFrame, truth: SyntheticTruth) -> dict[str, np.ndarray]:
+    """Per generated play: the inputs of :func:`next_play_law` that produced it.
+
+    Args:
+        interactions: :func:`generate`'s plays (ordered by user, then time).
+        truth: Its planted structure.
+
+    Returns:
+        ``user``, ``track``, ``prev`` (-1 when the play opens its session), ``home`` (cluster of
+        the session's first play) as ``[N]`` int64 arrays, and ``skipped`` ``[N]`` bool.
+        Sessions are cut where the user changes or more than 30 minutes pass (the generator
+        keeps sessions at least ``min_gap_hours`` apart, so the cut is exact).
+    """
+    user = pd.Index(truth.user_ids).get_indexer(interactions["user_id"].astype(str).to_numpy())
+    track = pd.Index(truth.track_ids).get_indexer(interactions["track_id"].astype(str).to_numpy())
+    if (user < 0).any() or (track < 0).any():
+        raise ValueError("play_states: plays whose user or track is not in the ground truth")
+    ts = interactions["timestamp"].to_numpy(np.int64)
+    opens = np.ones(len(ts), dtype=bool)
+    opens[1:] = (user[1:] != user[:-1]) | (ts[1:] - ts[:-1] > 1800)
+    first = np.maximum.accumulate(np.where(opens, np.arange(len(ts)), 0))  # [N]
+    prev = np.where(opens, -1, np.roll(track, 1)).astype(np.int64)
+    return {
+        "user": user.astype(np.int64),
+        "track": track.astype(np.int64),
+        "prev": prev,
+        "home": truth.track_cluster[track[first]].astype(np.int64),
+        "skipped": interactions["skipped"].to_numpy(bool),
+    }
