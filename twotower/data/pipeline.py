@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -42,14 +44,6 @@ from twotower.data.vocab import OOV, PAD, Vocab
 
 log = logging.getLogger("twotower")
 
-DATAMODULE_ONLY_KEYS = {
-    "batch_size",
-    "eval_batch_size",
-    "window",
-    "num_workers",
-    "pin_memory",
-    "persistent_workers",
-}
 # Bump when the preprocessing (or the synthetic generator) produces different arrays for the
 # same input: it is part of the cache key, so old caches are not reused.
 PIPELINE_VERSION = 2
@@ -184,11 +178,29 @@ def _data_section(path: str) -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def datamodule_only_keys() -> frozenset[str]:
+    """``data:`` keys of the DataModules that are not preprocessing fields.
+
+    Batch sizes, window, window stride, workers, the streaming module's buckets and chunks, ...
+
+    Read from the constructors, so a new DataModule argument never makes the configs that use
+    it unreadable for ``data-report``, ``pipeline``, ``compare`` or ``drift``.
+    """
+    from twotower.data.datamodule import SessionDataModule
+    from twotower.data.stream_module import StreamingSessionDataModule
+
+    names: set[str] = set()
+    for cls in (SessionDataModule, StreamingSessionDataModule):
+        names |= set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
+    return frozenset(names - set(_FIELD_NAMES))
+
+
 def load_data_config(config_paths: list[str], overrides: dict[str, str]) -> DataConfig:
     """The data section of one or more YAML configs (later files win) plus overrides.
 
     Accepts ``data: {name: value}`` and ``data: {class_path: .., init_args: {..}}``. Keys that
-    belong only to the DataModule (:data:`DATAMODULE_ONLY_KEYS`) are ignored.
+    belong only to a DataModule (:func:`datamodule_only_keys`) are ignored.
 
     Args:
         config_paths: YAML files in order.
@@ -202,7 +214,7 @@ def load_data_config(config_paths: list[str], overrides: dict[str, str]) -> Data
     values: dict[str, Any] = {}
     for path in config_paths:
         for key, value in _data_section(path).items():
-            if key in DATAMODULE_ONLY_KEYS:
+            if key in datamodule_only_keys():
                 continue
             if key not in _FIELD_NAMES:
                 raise DataError(
@@ -212,7 +224,7 @@ def load_data_config(config_paths: list[str], overrides: dict[str, str]) -> Data
     for key, raw in overrides.items():
         value = yaml.safe_load(raw) if isinstance(raw, str) else raw
         name, _, sub = key.partition(".")
-        if name in DATAMODULE_ONLY_KEYS:
+        if name in datamodule_only_keys():
             continue
         if name not in _FIELD_NAMES:
             raise DataError(
