@@ -1,6 +1,6 @@
 """Export a trained checkpoint as an artifact folder (FAISS index + query tower + manifest).
 
-``python export.py --checkpoint CKPT --out DIR [--index auto|Flat|HNSW32|"IVF4096,PQ32"]
+``python export.py --checkpoint CKPT [CKPT ...] --out DIR [--index auto|Flat|HNSW32|"IVF4096,PQ32"]
 [--users] [--dtype float16] [--onnx]``. Thin wrapper around
 :func:`twotower.export.export_checkpoint`.
 """
@@ -15,7 +15,13 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     """Arguments of ``export.py``."""
     p = argparse.ArgumentParser(prog="export.py", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="Lightning checkpoint (.ckpt); several (e.g. seeds of one config) export as one "
+        "ensemble model: concatenated vectors, the mean of the members' logits",
+    )
     p.add_argument("--out", required=True, help="artifact folder (replaced atomically)")
     p.add_argument(
         "--index",
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(
-            args.checkpoint,
+            args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
             args.out,
             index=args.index,
             users=args.users,

@@ -37,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON to this file")
 
     p = sub.add_parser("evaluate", help="metrics table on the test split (with --baselines)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        nargs="+",
+        help="Lightning checkpoint; several evaluate as one ensemble model (as export.py serves)",
+    )
     p.add_argument("--baselines", action="store_true", help="also evaluate the baselines")
     p.add_argument("--split", choices=["valid", "test"], default="test")
     p.add_argument("-k", "--ks", default="10,20,50", help="comma-separated cut-offs")

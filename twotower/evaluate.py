@@ -486,7 +486,7 @@ def evaluate_model(
 
 
 def evaluate_checkpoint(
-    checkpoint_path: str | Path,
+    checkpoint_path: str | Path | Sequence[str | Path],
     split: str = "test",
     ks: Sequence[int] = (10, 20, 50),
     filter_seen: bool | None = None,
@@ -498,7 +498,9 @@ def evaluate_checkpoint(
 
     The checkpoint is read with ``weights_only=True`` (no pickle); its
     ``datamodule_hyper_parameters`` rebuild the :class:`SessionDataModule`, whose cached
-    :class:`PreparedData` gives the split.
+    :class:`PreparedData` gives the split. Several checkpoints (same data) are evaluated as one
+    ensemble model (:class:`~twotower.model.ensemble.EnsembleModel`, as ``export.py`` would
+    serve them); the data come from the first.
 
     Raises:
         FileNotFoundError: No such checkpoint.
@@ -507,9 +509,15 @@ def evaluate_checkpoint(
     from twotower.data.datamodule import SessionDataModule
     from twotower.model.module import TwoTowerModule
 
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    paths = (
+        [Path(checkpoint_path)]
+        if isinstance(checkpoint_path, (str, Path))
+        else [Path(p) for p in checkpoint_path]
+    )
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+    path = paths[0]
     from twotower.export import load_checkpoint_dict
 
     ckpt = load_checkpoint_dict(path)  # weights_only=True; refusals become ArtifactError
@@ -524,8 +532,20 @@ def evaluate_checkpoint(
         datamodule.prepare_data()
         datamodule.setup("fit")
         data = datamodule.data
-    module = TwoTowerModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    modules = [
+        TwoTowerModule.load_from_checkpoint(p, map_location="cpu", weights_only=True) for p in paths
+    ]
+    module: Any = modules[0]
     fit_seconds = float(ckpt.get("train_seconds", float("nan")) or float("nan"))
+    if len(modules) > 1:
+        from twotower.model.ensemble import EnsembleModel
+
+        vocab = module.data_info.get("item_vocab")
+        for p, m in zip(paths[1:], modules[1:], strict=True):
+            if m.data_info.get("item_vocab") != vocab:
+                raise ValueError(f"{p}: another track vocabulary than {path}: not an ensemble")
+        module = EnsembleModel(modules)
+        fit_seconds = sum(float(m.train_seconds) for m in modules)
     return evaluate_model(
         module,
         data,
@@ -537,6 +557,7 @@ def evaluate_checkpoint(
         seed=seed,
         fit_seconds=fit_seconds,
         dataset=str(data.report.source or ""),
+        name="two-tower" if len(modules) == 1 else f"two-tower ensemble of {len(modules)}",
     )
 
 

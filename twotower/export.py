@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ from twotower.index import (
     search_param_name,
     tune_index,
 )
+from twotower.model.ensemble import bias_columns
 from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
 
 log = logging.getLogger("twotower")
@@ -246,7 +247,7 @@ def write_artifact(
         raise ValueError(
             f"the query tower makes {config.get('dim')}-d vectors but item_emb is {dim}-d"
         )
-    if config.get("item_bias") and metric != "ip":
+    if bias_columns(config) and metric != "ip":
         raise ValueError(
             f"metric={metric!r}: an item_bias model scores by inner product (its last "
             "coordinate is a bias, not a position); export it with metric='ip'"
@@ -374,6 +375,15 @@ def load_checkpoint_dict(checkpoint: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError / RuntimeError variants
         raise ArtifactError(f"{path}: cannot be loaded with weights_only=True ({e})") from e
+
+
+def _training_checkpoint(path: str) -> dict[str, Any]:
+    """A training checkpoint read with ``weights_only=True``, checked for its twotower keys."""
+    ckpt = load_checkpoint_dict(path)
+    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
+        if key not in ckpt:
+            raise ArtifactError(f"{path}: no {key!r}: not a twotower training checkpoint")
+    return ckpt
 
 
 def _checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -561,7 +571,7 @@ def _streaming_catalogue(
 
 
 def export_checkpoint(
-    checkpoint: str,
+    checkpoint: str | Sequence[str],
     out: str,
     index: str = "auto",
     users: bool = False,
@@ -585,9 +595,15 @@ def export_checkpoint(
     vocabulary, counts and validation queries instead; a hashed vocabulary exports one index
     row per bucket (see :func:`_streaming_catalogue`, manifest format 1.1).
 
+    Several checkpoints (e.g. seeds of one config, on the same data) export as **one** ensemble
+    model (:mod:`twotower.model.ensemble`): concatenated item vectors in one index and an
+    :class:`~twotower.model.ensemble.EnsembleQueryTower`, scoring the mean of the members'
+    logits. Streamed checkpoints export alone.
+
     Args:
         checkpoint: Lightning checkpoint of a ``TwoTowerModule`` trained with a
-            ``SessionDataModule`` or a ``StreamingSessionDataModule``.
+            ``SessionDataModule`` or a ``StreamingSessionDataModule``; or a list of them
+            (an ensemble; same data, same query inputs).
         out: Artifact folder (replaced atomically).
         index: ``"auto"``, ``"Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, ... (FAISS factory).
         users: Also write ``user_embeddings.npy`` / ``users.parquet``.
@@ -611,12 +627,15 @@ def export_checkpoint(
     from twotower.data.datamodule import SessionDataModule, left_pad_last
     from twotower.model.module import TwoTowerModule
 
-    ckpt = load_checkpoint_dict(checkpoint)
-    for key in ("state_dict", "hyper_parameters", "datamodule_hyper_parameters"):
-        if key not in ckpt:
-            raise ArtifactError(f"{checkpoint}: no {key!r}: not a twotower training checkpoint")
+    members = [str(checkpoint)] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not members:
+        raise ValueError("export_checkpoint: no checkpoint given")
+    checkpoint = members[0]
+    ckpt = _training_checkpoint(checkpoint)
     hp = _init_kwargs(TwoTowerModule, ckpt["hyper_parameters"])
     streaming = is_streaming_checkpoint(dict(ckpt["datamodule_hyper_parameters"]))
+    if streaming and len(members) > 1:
+        raise ValueError(f"{checkpoint}: streamed models export alone, not as an ensemble")
     if streaming:
         from twotower.data.stream_module import StreamingSessionDataModule
 
@@ -649,7 +668,41 @@ def export_checkpoint(
         raise ArtifactError(
             f"{checkpoint}: model has {module.hparams.num_items} items, data {data.num_items}"
         )
-    tower = module.query_tower
+    item_towers = [module.item_tower]
+    member_info: list[dict[str, Any]] = []
+    tower: nn.Module = module.query_tower
+    if len(members) > 1:
+        from twotower.model.ensemble import EnsembleModel
+
+        modules = [module]
+        for path in members[1:]:
+            other = _training_checkpoint(path)
+            m = TwoTowerModule(**_init_kwargs(TwoTowerModule, other["hyper_parameters"]))
+            m.load_state_dict(other["state_dict"])
+            m.on_load_checkpoint(other)
+            fp = m.data_info.get("fingerprint")
+            if m.data_info.get("item_vocab") != module.data_info.get("item_vocab") or (
+                fp and trained_fp and fp != trained_fp
+            ):
+                raise ArtifactError(
+                    f"{path}: trained on other data than {checkpoint}; ensemble members must "
+                    "share the data and its track vocabulary"
+                )
+            modules.append(m.to(dev).eval())
+        try:
+            ensemble = EnsembleModel(modules)
+        except ValueError as e:
+            raise ArtifactError(f"cannot ensemble {members}: {e}") from e
+        tower = ensemble.query_tower.to(dev).eval()
+        item_towers = list(ensemble.item_towers)
+        for path, m in zip(members, modules, strict=True):
+            member_info.append(
+                {
+                    "file": str(Path(path).resolve()),
+                    "sha256": sha256_file(path),
+                    "temperature": float(m.loss_fn.temperature),
+                }  # fmt: skip
+            )
     window = int(min(dm.window, tower.config["max_len"]))
 
     n = data.num_items
@@ -657,7 +710,8 @@ def export_checkpoint(
     with torch.no_grad(), tqdm(total=n - 2, desc="item embeddings", disable=not progress) as bar:
         for s in range(2, n, batch_size):
             ids = torch.arange(s, min(s + batch_size, n), device=dev)  # [b]
-            chunks.append(module.item_tower(ids).float().cpu().numpy())  # [b, dim]
+            parts = [t(ids).float().cpu().numpy() for t in item_towers]  # [b, dim_k] each
+            chunks.append(np.concatenate(parts, axis=1))  # [b, dim]
             bar.update(len(ids))
     item_emb = np.concatenate(chunks)
 
@@ -728,6 +782,11 @@ def export_checkpoint(
         },
         "model": hp,
     }
+    if member_info:
+        weights = tower.config["weights"]
+        for info, w in zip(member_info, weights, strict=True):
+            info["weight"] = w
+        extra["ensemble"] = member_info
     if holdout_info is not None:
         extra["holdout"] = holdout_info
     if lineage is not None:

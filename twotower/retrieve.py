@@ -38,6 +38,7 @@ from twotower.artifact import (
 )
 from twotower.data.hashing import HashVocab
 from twotower.index import check_index, load_index, set_search_param
+from twotower.model.ensemble import bias_columns
 
 NUM_HOURS = 24
 Exclude = list[str] | str | None
@@ -143,8 +144,9 @@ class Retriever:
         self.history_len = int(manifest["query_tower"].get("history_len") or cfg["max_len"])
         self.history_len = min(self.history_len, int(cfg["max_len"]))
         self.filter_seen = bool((manifest.get("data") or {}).get("filter_seen", False))
-        # the last coordinate of an item vector is its learned bias (popularity), not taste
-        self.item_bias = bool(cfg.get("item_bias", False))
+        # coordinates that hold a learned item bias (popularity), not taste (item_bias models)
+        self.bias_columns = bias_columns(cfg)
+        self.item_bias = bool(self.bias_columns)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -421,8 +423,8 @@ class Retriever:
     def similar_tracks(self, track_id: str, k: int = 10) -> Recommendations:
         """Tracks whose vectors are closest to ``track_id``'s (the track itself excluded).
 
-        With an item bias (``item_bias`` models) the query is the track's normalised part with
-        the bias coordinate zeroed: scores are cosines, popularity does not pull results.
+        With an item bias (``item_bias`` models, or ensemble members) the query is the track's
+        vector with its bias coordinates zeroed: popularity does not pull the results.
 
         Raises:
             UnknownTrackError: ``track_id`` is not in the catalogue (a KeyError).
@@ -431,8 +433,7 @@ class Retriever:
         if row < 0:
             raise UnknownTrackError(f"unknown track id {track_id!r}: not in this catalogue")
         vec = np.array(self.item_emb[row : row + 1], dtype=np.float32)  # [1, d] (a copy)
-        if self.item_bias:
-            vec[:, -1] = 0.0
+        vec[:, self.bias_columns] = 0.0
         rows, scores = self._search(vec, k, [np.array([row])])[0]
         return self._result(rows, scores, [], [])
 
