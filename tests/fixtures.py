@@ -1,4 +1,4 @@
-"""Tiny files in the exact layouts of every supported dataset, for tests.
+"""Tiny files in the exact layouts of every supported dataset, and tiny training runs, for tests.
 
 Import from a test module in ``tests/`` as ``from fixtures import write_ml100k`` (pytest puts
 ``tests/`` on ``sys.path``). Every ``write_*`` function takes a folder (created if missing),
@@ -354,3 +354,24 @@ WRITERS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "hetrec": (write_hetrec, "hetrec-lastfm"),
 }
 """Fixture name -> (writer, format name for ``load_source``)."""
+
+
+# ------------------------------------------------------------------------ tiny training runs
+def fit_tiny(root: Path, name: str, **overrides: object) -> str:
+    """Train ``configs/tiny.yaml`` for 1 epoch under ``root / name`` (cache in ``root / cache``,
+    no projector); returns the last checkpoint. ``overrides`` are dotted fit keys."""
+    from twotower.train import fit
+
+    folder = root / name
+    trainer, _, _ = fit(
+        [Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"],
+        {
+            "trainer.max_epochs": 1,
+            "trainer.default_root_dir": str(folder),
+            "trainer.logger.init_args.save_dir": str(folder / "runs"),
+            "data.cache_dir": str(root / "cache"),
+            "model.projector_items": 0,
+            **overrides,
+        },
+    )
+    return trainer.checkpoint_callback.last_model_path

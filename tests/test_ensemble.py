@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures import fit_tiny
 
 from twotower.model.ensemble import (
     EnsembleModel,
@@ -99,30 +100,13 @@ def test_onnx_matches_torch(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------- end to end
-def _fit(root: Path, name: str, **overrides) -> str:
-    from twotower.train import fit
-
-    trainer, _, _ = fit(
-        [REPO / "configs" / "tiny.yaml"],
-        {
-            "trainer.max_epochs": 1,
-            "trainer.default_root_dir": str(root / name),
-            "trainer.logger.init_args.save_dir": str(root / name / "runs"),
-            "data.cache_dir": str(root / "cache"),
-            "model.projector_items": 0,
-            **overrides,
-        },
-    )
-    return trainer.checkpoint_callback.last_model_path
-
-
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ensemble")
     return {
         "root": root,
-        "a": _fit(root, "a", seed_everything=0),
-        "b": _fit(root, "b", seed_everything=1, **{"model.item_bias": True}),
+        "a": fit_tiny(root, "a", seed_everything=0),
+        "b": fit_tiny(root, "b", seed_everything=1, **{"model.item_bias": True}),
     }
 
 
@@ -187,7 +171,7 @@ def test_ensemble_evaluates_as_one_row_and_a_self_ensemble_equals_the_model(seed
 def test_members_on_other_data_are_refused(seeds) -> None:
     from twotower.export import ArtifactError, export_checkpoint
 
-    other = _fit(seeds["root"], "other", **{"data.options.n_users": 150})
+    other = fit_tiny(seeds["root"], "other", **{"data.options.n_users": 150})
     with pytest.raises(ArtifactError, match="other data"):
         export_checkpoint([seeds["a"], other], str(seeds["root"] / "bad"), progress=False)
     assert not (seeds["root"] / "bad").exists()

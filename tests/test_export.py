@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures import fit_tiny
 
 import twotower.export as export_mod
 import twotower.onnx_export as onnx_export_mod
@@ -51,20 +52,8 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> dict:
     """One tiny training run (1 epoch) shared by every checkpoint test of this session."""
-    from twotower.train import fit
-
     root = tmp_path_factory.mktemp("train")
-    trainer, module, dm = fit(
-        [REPO / "configs" / "tiny.yaml"],
-        {
-            "trainer.max_epochs": 1,
-            "trainer.default_root_dir": str(root),
-            "trainer.logger.init_args.save_dir": str(root / "runs"),
-            "data.cache_dir": str(root / "cache"),
-            "model.projector_items": 0,
-        },
-    )
-    return {"ckpt": trainer.checkpoint_callback.last_model_path, "root": root}
+    return {"ckpt": fit_tiny(root, "run"), "root": root}
 
 
 @pytest.fixture(scope="session")

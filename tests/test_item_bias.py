@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fixtures import fit_tiny
 
 from twotower.model.towers import ItemTower, QueryTower
 
@@ -69,27 +70,19 @@ def test_bias_needs_a_spare_coordinate() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    from twotower.train import fit
+    from twotower.data.pipeline import load_data_config, prepare_data
+    from twotower.model.module import TwoTowerModule
 
     root = tmp_path_factory.mktemp("bias")
-    trainer, module, dm = fit(
-        [REPO / "configs" / "tiny.yaml"],
-        {
-            "trainer.max_epochs": 2,
-            "trainer.default_root_dir": str(root),
-            "trainer.logger.init_args.save_dir": str(root / "runs"),
-            "data.cache_dir": str(root / "cache"),
-            "model.projector_items": 0,
-            "model.item_bias": True,
-        },
-    )
-    return {"ckpt": trainer.checkpoint_callback.last_model_path, "module": module, "dm": dm,
-            "root": root}  # fmt: skip
+    ckpt = fit_tiny(root, "run", **{"trainer.max_epochs": 2, "model.item_bias": True})
+    module = TwoTowerModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    config = load_data_config([str(REPO / "configs" / "tiny.yaml")], {"cache_dir": str(root)})
+    return {"ckpt": ckpt, "module": module, "root": root, "data": prepare_data(config)}
 
 
 @pytest.mark.slow
 def test_learned_bias_recovers_planted_popularity(trained) -> None:
-    module, data = trained["module"], trained["dm"].data
+    module, data = trained["module"], trained["data"]
     bias = module.item_tower.bias.weight.detach()[2:, 0].cpu().numpy()  # [N]
     counts = data.item_counts[2:]
     seen = counts > 0
