@@ -249,8 +249,8 @@ def write_artifact(
         )
     if bias_columns(config) and metric != "ip":
         raise ValueError(
-            f"metric={metric!r}: an item_bias model scores by inner product (its last "
-            "coordinate is a bias, not a position); export it with metric='ip'"
+            f"metric={metric!r}: an item_bias model scores by inner product (coordinates "
+            f"{bias_columns(config)} are item biases, not positions); export it with metric='ip'"
         )
     history_len = int(history_len or config.get("max_len", 50))
 
