@@ -210,6 +210,17 @@ def test_hashed_without_raw_id_list_hashes_every_id(hashed_art, tmp_path) -> Non
     rec = r.recommend(history, k=3, exclude="history")
     want = f"bucket#{int(hv.lookup(np.array([track(3, 4)], dtype=object))[0]) - 2}"
     assert not rec.unknown and want in rec.ids
+    # the service knows the same ids as the retriever (it once checked a bucket-name map and
+    # refused every raw id with 422)
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from twotower.serve.app import create_app
+
+    client = TestClient(create_app(art))
+    res = client.post("/recommend", json={"history": history, "k": 3})
+    assert res.status_code == 200, res.text
+    assert want in [t["track_id"] for t in res.json()["items"]]
 
 
 def test_service_finds_every_raw_id_of_a_hashed_bucket(hashed_art) -> None:

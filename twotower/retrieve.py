@@ -132,7 +132,8 @@ class Retriever:
             for t, r in zip(listed.astype(str).tolist(), listed.index.tolist(), strict=True):
                 self.track_rows.setdefault(t, int(r))
             if not self.hash_unlisted:
-                self.searchable = items["raw_ids"].map(len).to_numpy() > 0
+                self.searchable = items["raw_ids"].map(lambda r: r is not None and len(r) > 0)
+                self.searchable = self.searchable.to_numpy(bool)
         user_vocab = manifest.get("user_vocab") or {}
         self.user_hash = (
             HashVocab.from_dict(user_vocab) if user_vocab.get("kind") == "hash" else None
@@ -223,7 +224,7 @@ class Retriever:
         return len(self.ids)
 
     def __contains__(self, track_id: object) -> bool:
-        return str(track_id) in self.track_rows
+        return bool(self.rows_of([str(track_id)])[0] >= 0)
 
     def rows_of(self, track_ids: list[str]) -> np.ndarray:
         """Index rows of track ids (-1 when unknown; hashed without a raw-id list: the bucket)."""

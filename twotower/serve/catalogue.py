@@ -50,11 +50,15 @@ class Catalogue:
     """Display metadata of every track of an artifact and substring search over it.
 
     Args:
-        items: ``items.parquet`` (track_id, optional title and artist, and for a hashed export
-            ``raw_ids``: every raw id of the bucket), row order = index rows.
+        items: ``items.parquet`` (track_id, optional title and artist), row order = index rows.
+        rows_of: Maps track ids to index rows (-1 unknown): the retriever's, so that the service
+            knows exactly the ids the model does (hashed exports: every raw id of a bucket, or
+            any id when the export listed none). None: the ``track_id`` column alone.
     """
 
-    def __init__(self, items: pd.DataFrame) -> None:
+    def __init__(
+        self, items: pd.DataFrame, rows_of: Callable[[list[str]], np.ndarray] | None = None
+    ) -> None:
         if "track_id" not in items.columns:
             raise ValueError("items.parquet has no track_id column")
         cols = {}
@@ -64,11 +68,10 @@ class Catalogue:
         self.ids: np.ndarray = cols["track_id"]
         self.titles: np.ndarray = cols["title"]
         self.artists: np.ndarray = cols["artist"]
-        self._row = {tid: i for i, tid in enumerate(self.ids)}
-        if "raw_ids" in items.columns:  # hashed export: every raw id of a bucket finds its row
-            for i, raw in enumerate(items["raw_ids"].tolist()):
-                for tid in [] if raw is None else raw:
-                    self._row.setdefault(str(tid), i)
+        if rows_of is None:
+            index = {tid: i for i, tid in enumerate(self.ids)}
+            rows_of = lambda ids: np.array([index.get(t, -1) for t in ids], dtype=np.int64)  # noqa: E731
+        self._rows_of = rows_of
         hay = pd.Series(self.ids) + "\n" + pd.Series(self.titles) + "\n" + pd.Series(self.artists)
         self._hay = hay.str.lower()
         self._titles_lower = pd.Series(self.titles).str.lower().to_numpy(object)
@@ -77,12 +80,12 @@ class Catalogue:
         return len(self.ids)
 
     def __contains__(self, track_id: str) -> bool:
-        return track_id in self._row
+        return bool(self._rows_of([track_id])[0] >= 0)
 
     def track(self, track_id: str) -> Track:
         """Metadata of one id (empty title/artist when the id is not in the catalogue)."""
-        i = self._row.get(track_id)
-        if i is None:
+        i = int(self._rows_of([track_id])[0])
+        if i < 0:
             return Track(track_id=track_id)
         return Track(track_id=track_id, title=self.titles[i], artist=self.artists[i])
 
@@ -243,7 +246,9 @@ def load_model(
     retriever = (loader or _default_loader)(path)
     manifest_text = (path / "manifest.json").read_text()
     manifest = getattr(retriever, "manifest", None) or json.loads(manifest_text)
-    catalogue = Catalogue(pd.read_parquet(path / "items.parquet"))
+    catalogue = Catalogue(
+        pd.read_parquet(path / "items.parquet"), getattr(retriever, "rows_of", None)
+    )
     holdout = Holdout.read(path / HOLDOUT_FILE) if (path / HOLDOUT_FILE).is_file() else None
     digest = hashlib.sha256(manifest_text.encode()).hexdigest()[:8]
     label = f"{path.resolve().name}#{digest}"
