@@ -35,7 +35,7 @@ def _member(seed: int, dim: int, item_bias: bool) -> tuple[QueryTower, ItemTower
     item = ItemTower(query.item_embedding, dim, num_artists=3, bias=item_bias).eval()
     if item.bias is not None:
         with torch.no_grad():
-            item.bias.weight.uniform_(-0.5, 0.5)
+            item.bias.uniform_(-0.5, 0.5)
     return query, item
 
 

@@ -34,7 +34,7 @@ def _towers(bias: bool) -> tuple[QueryTower, ItemTower]:
 def test_bias_is_the_last_coordinate_of_the_dot_product() -> None:
     query, item = _towers(bias=True)
     with torch.no_grad():
-        item.bias.weight.copy_(torch.linspace(-0.5, 0.5, V).unsqueeze(1))
+        item.bias.copy_(torch.linspace(-0.5, 0.5, V))
     history = torch.tensor([[0, 3, 4, 5], [0, 0, 7, 2]])
     query_emb = query(history)  # [2, 8]
     item_emb = item(torch.arange(V))  # [V, 8]
@@ -42,10 +42,10 @@ def test_bias_is_the_last_coordinate_of_the_dot_product() -> None:
     torch.testing.assert_close(query_emb[:, -1], torch.ones(2))
     torch.testing.assert_close(query_emb[:, :-1].norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(item_emb[:, :-1].norm(dim=-1), torch.ones(V))
-    torch.testing.assert_close(item_emb[:, -1], item.bias.weight[:, 0])
+    torch.testing.assert_close(item_emb[:, -1], item.bias)
     scores = query_emb @ item_emb.T  # [2, V]
     cosines = query_emb[:, :-1] @ item_emb[:, :-1].T  # [2, V]
-    torch.testing.assert_close(scores, cosines + item.bias.weight[:, 0])
+    torch.testing.assert_close(scores, cosines + item.bias)
     # the config rebuilds the same tower (the export contract), and off means no extra key
     assert query.config["item_bias"] is True
     assert "item_bias" not in _towers(bias=False)[0].config
@@ -83,17 +83,17 @@ def trained(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_learned_bias_recovers_planted_popularity(trained) -> None:
     module, data = trained["module"], trained["data"]
-    bias = module.item_tower.bias.weight.detach()[2:, 0].cpu().numpy()  # [N]
+    bias = module.item_tower.bias.detach()[2:].cpu().numpy()  # [N]
     counts = data.item_counts[2:]
     seen = counts > 0
     rank_bias = np.argsort(np.argsort(bias[seen]))
     rank_count = np.argsort(np.argsort(np.log(counts[seen])))
     rho = np.corrcoef(rank_bias, rank_count)[0, 1]
     assert rho >= MIN_POPULARITY_CORRELATION, rho
-    # the per-item bias is not weight-decayed (it is a bias, stored as a [V, 1] table)
+    # the per-item bias is not weight-decayed (a 1-D parameter)
     opt = module.configure_optimizers()["optimizer"]
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert id(module.item_tower.bias.weight) not in decayed
+    assert id(module.item_tower.bias) not in decayed
 
 
 @pytest.mark.slow

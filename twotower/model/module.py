@@ -191,7 +191,6 @@ class TwoTowerModule(pl.LightningModule):
             full_softmax=full_softmax,
         )
         self._sequence_fn = self.query_tower.forward_sequence
-        self.mask_seen = mask_seen == "on"  # "auto" is resolved from the data in setup()
         self._val_ranks: list[Tensor] = []
         self._val_item_emb: Tensor | None = None
         self._last_batch_end: float | None = None
@@ -226,11 +225,19 @@ class TwoTowerModule(pl.LightningModule):
             "fingerprint": str(data.fingerprint),
             "filter_seen": bool(data.params.get("filter_seen", False)),
         }
-        if self.hparams.get("mask_seen", "auto") == "auto":
-            self.mask_seen = self.data_info["filter_seen"]
         if self.hparams.compile and stage == "fit":
             # dynamic: batches are trimmed to their longest window, so lengths vary
             self._sequence_fn = torch.compile(self.query_tower.forward_sequence, dynamic=True)
+
+    @property
+    def mask_seen(self) -> bool:
+        """Whether earlier window items leave each position's loss.
+
+        ``on``, or ``auto`` on data that filters seen items (known from :attr:`data_info` once
+        the data is set up or a checkpoint is read).
+        """
+        mode = self.hparams.mask_seen
+        return mode == "on" or (mode == "auto" and bool(self.data_info.get("filter_seen")))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store vocabularies, data fingerprint and training time (all plain types)."""
@@ -491,8 +498,7 @@ class TwoTowerModule(pl.LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            matrix = p.ndim >= 2 and "norm" not in name and not name.endswith("bias.weight")
-            (decay if matrix else no_decay).append(p)
+            (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
         opt = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},

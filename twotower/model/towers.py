@@ -430,12 +430,11 @@ class ItemTower(nn.Module):
         self.register_buffer("year", torch.zeros(num_items, dtype=torch.long))
         self.register_buffer("audio", torch.zeros(num_items, max(num_audio, 0)))
         self.head = _head(in_dim, hidden, dim - 1 if bias else dim, dropout)
-        self.bias: nn.Embedding | None = None
+        self.bias: nn.Parameter | None = None  # [V], 1-D: a bias, never weight-decayed
         if bias:
             if dim < 2:
                 raise ValueError(f"bias needs dim >= 2 (one coordinate is the bias), got {dim}")
-            self.bias = nn.Embedding(num_items, 1)
-            nn.init.zeros_(self.bias.weight)
+            self.bias = nn.Parameter(torch.zeros(num_items))
 
     @property
     def has_side_features(self) -> bool:
@@ -522,5 +521,6 @@ class ItemTower(nn.Module):
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
         item_emb = F.normalize(self.head(x), dim=-1)  # [N, dim or dim - 1]
         if self.bias is not None:
-            item_emb = torch.cat([item_emb, self.bias(ids).to(item_emb.dtype)], dim=-1)  # [N, dim]
+            bias = self.bias[ids].to(item_emb.dtype).unsqueeze(-1)  # [N, 1]
+            item_emb = torch.cat([item_emb, bias], dim=-1)  # [N, dim]
         return item_emb.reshape(*shape, -1)
