@@ -248,3 +248,19 @@ def test_bf16_training_on_cuda(tmp_path, monkeypatch):
     assert trainer.precision == "bf16-mixed" and module.device.type == "cuda"
     m = _metrics(trainer)
     assert m["val/ndcg@10"] > 0.15, m  # CPU fp32 reaches 0.26; popularity 0.106
+
+
+def test_mask_seen_auto_follows_the_data_and_survives_a_reload():
+    auto = TwoTowerModule(num_items=10, mask_seen="auto", encoder="mean")
+    assert not auto.mask_seen  # no data yet: nothing is known to be filtered
+    auto.data_info = {"filter_seen": True}
+    assert auto.mask_seen
+    auto.data_info = {"filter_seen": False}
+    assert not auto.mask_seen
+    on, off = (TwoTowerModule(num_items=10, mask_seen=m, encoder="mean") for m in ("on", "off"))
+    off.data_info = {"filter_seen": True}
+    assert on.mask_seen and not off.mask_seen
+    # a checkpoint restores data_info, hence the resolved switch
+    restored = TwoTowerModule(num_items=10, mask_seen="auto", encoder="mean")
+    restored.on_load_checkpoint({"twotower": {"filter_seen": True}})
+    assert restored.mask_seen
