@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(
-            args.checkpoint[0] if len(args.checkpoint) == 1 else args.checkpoint,
+            args.checkpoint,
             args.out,
             index=args.index,
             users=args.users,

@@ -538,12 +538,9 @@ def evaluate_checkpoint(
     module: Any = modules[0]
     fit_seconds = float(ckpt.get("train_seconds", float("nan")) or float("nan"))
     if len(modules) > 1:
-        from twotower.model.ensemble import EnsembleModel
+        from twotower.model.ensemble import EnsembleModel, check_members
 
-        vocab = module.data_info.get("item_vocab")
-        for p, m in zip(paths[1:], modules[1:], strict=True):
-            if m.data_info.get("item_vocab") != vocab:
-                raise ValueError(f"{p}: another track vocabulary than {path}: not an ensemble")
+        check_members(paths, modules)
         module = EnsembleModel(modules)
         fit_seconds = sum(float(m.train_seconds) for m in modules)
     return evaluate_model(

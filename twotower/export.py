@@ -386,6 +386,16 @@ def _training_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
+def _module_of(ckpt: dict[str, Any]) -> nn.Module:
+    """The ``TwoTowerModule`` of a training checkpoint's dict, data info restored."""
+    from twotower.model.module import TwoTowerModule
+
+    module = TwoTowerModule(**_init_kwargs(TwoTowerModule, ckpt["hyper_parameters"]))
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    return module
+
+
 def _checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Monitor, best and last score of the checkpoint callback (empty when absent)."""
     for key, state in (ckpt.get("callbacks") or {}).items():
@@ -474,14 +484,14 @@ def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarr
 
 
 def _holdout_frame(
-    data: Any, window: int, limit: int, track_ids: list[str] | None = None
+    data: Any, window: int, limit: int, track_ids: list[str]
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Up to ``limit`` test examples with raw ids (cold targets and OOV history items left out).
 
-    ``track_ids``: the id of every item index ``2..`` (default ``data.item_vocab.ids``).
+    ``track_ids``: the id of every item index ``2..`` (raw ids, or bucket labels when hashed).
     """
     te = data.test
-    ids = np.asarray(data.item_vocab.ids if track_ids is None else track_ids, dtype=object)
+    ids = np.asarray(track_ids, dtype=object)
     users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
     contexts = np.asarray(["", "", *data.context_vocab.ids], dtype=object)
     rows = np.flatnonzero(te.targets >= 2)
@@ -648,9 +658,7 @@ def export_checkpoint(
     else:
         dm_cls = SessionDataModule
     dm_hp = _init_kwargs(dm_cls, ckpt["datamodule_hyper_parameters"])
-    module = TwoTowerModule(**hp)
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
+    module = _module_of(ckpt)
     dev = resolve_device(device)
     module.to(dev).eval()
     dm = dm_cls(**dm_hp)
@@ -672,35 +680,27 @@ def export_checkpoint(
     member_info: list[dict[str, Any]] = []
     tower: nn.Module = module.query_tower
     if len(members) > 1:
-        from twotower.model.ensemble import EnsembleModel
+        from twotower.model.ensemble import EnsembleModel, check_members
 
         modules = [module]
         for path in members[1:]:
-            other = _training_checkpoint(path)
-            m = TwoTowerModule(**_init_kwargs(TwoTowerModule, other["hyper_parameters"]))
-            m.load_state_dict(other["state_dict"])
-            m.on_load_checkpoint(other)
-            fp = m.data_info.get("fingerprint")
-            if m.data_info.get("item_vocab") != module.data_info.get("item_vocab") or (
-                fp and trained_fp and fp != trained_fp
-            ):
-                raise ArtifactError(
-                    f"{path}: trained on other data than {checkpoint}; ensemble members must "
-                    "share the data and its track vocabulary"
-                )
+            m = _module_of(_training_checkpoint(path))
             modules.append(m.to(dev).eval())
         try:
+            check_members(members, modules)
             ensemble = EnsembleModel(modules)
         except ValueError as e:
             raise ArtifactError(f"cannot ensemble {members}: {e}") from e
         tower = ensemble.query_tower.to(dev).eval()
         item_towers = list(ensemble.item_towers)
-        for path, m in zip(members, modules, strict=True):
+        weights = ensemble.query_tower.config["weights"]
+        for path, m, w in zip(members, modules, weights, strict=True):
             member_info.append(
                 {
                     "file": str(Path(path).resolve()),
                     "sha256": sha256_file(path),
                     "temperature": float(m.loss_fn.temperature),
+                    "weight": w,
                 }  # fmt: skip
             )
     window = int(min(dm.window, tower.config["max_len"]))
@@ -775,7 +775,7 @@ def export_checkpoint(
         "metrics": _checkpoint_metrics(ckpt),
         "checkpoint": {
             "file": str(Path(checkpoint).resolve()),
-            "sha256": sha256_file(checkpoint),
+            "sha256": member_info[0]["sha256"] if member_info else sha256_file(checkpoint),
             "epoch": ckpt.get("epoch"),
             "global_step": ckpt.get("global_step"),
             "train_seconds": ckpt.get("train_seconds"),
@@ -783,9 +783,6 @@ def export_checkpoint(
         "model": hp,
     }
     if member_info:
-        weights = tower.config["weights"]
-        for info, w in zip(member_info, weights, strict=True):
-            info["weight"] = w
         extra["ensemble"] = member_info
     if holdout_info is not None:
         extra["holdout"] = holdout_info

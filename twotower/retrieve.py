@@ -134,6 +134,7 @@ class Retriever:
             if not self.hash_unlisted:
                 self.searchable = items["raw_ids"].map(lambda r: r is not None and len(r) > 0)
                 self.searchable = self.searchable.to_numpy(bool)
+        self.num_searchable = len(items) if self.searchable is None else int(self.searchable.sum())
         user_vocab = manifest.get("user_vocab") or {}
         self.user_hash = (
             HashVocab.from_dict(user_vocab) if user_vocab.get("kind") == "hash" else None
@@ -147,7 +148,6 @@ class Retriever:
         self.filter_seen = bool((manifest.get("data") or {}).get("filter_seen", False))
         # coordinates that hold a learned item bias (popularity), not taste (item_bias models)
         self.bias_columns = bias_columns(cfg)
-        self.item_bias = bool(self.bias_columns)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -218,6 +218,11 @@ class Retriever:
             raise ArtifactError(f"{path / 'item_embeddings.npy'}: shape {item_emb.shape}")
         tower = load_query_tower(path, manifest)
         return cls(path, manifest, index, items, vocab, tower, item_emb)
+
+    @property
+    def item_bias(self) -> bool:
+        """Whether item vectors carry learned biases (``item_bias`` models or members)."""
+        return bool(self.bias_columns)
 
     def __len__(self) -> int:
         """Catalogue size."""
@@ -330,9 +335,9 @@ class Retriever:
                 out.append((rows[q][keep][:k], scores[q][keep][:k]))
             if self.searchable is None:
                 return out
-            avail = int(self.searchable.sum())  # fewer real results exist when k exceeds it
             short = any(
-                len(r) < min(k, avail - len(e)) for (r, _), e in zip(out, exclude_rows, strict=True)
+                len(r) < min(k, self.num_searchable - len(e))  # fewer real results may exist
+                for (r, _), e in zip(out, exclude_rows, strict=True)
             )
             if not short or fetch >= len(self.ids) or (rows < 0).any():
                 return out  # (-1 rows: the ANN probes found no more candidates)

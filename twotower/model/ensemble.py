@@ -134,6 +134,28 @@ class EnsembleQueryTower(nn.Module):
         return torch.cat(parts, dim=-1)  # [B, dim]
 
 
+def check_members(paths: Sequence[Any], modules: Sequence[nn.Module]) -> None:
+    """Raise unless every module was trained on the first one's data.
+
+    Compares the track vocabulary and the data fingerprint each module keeps in ``data_info``
+    (restored from its checkpoint), so evaluation and export accept the same ensembles.
+
+    Raises:
+        ValueError: A member was trained on other data, naming its checkpoint.
+    """
+    first = modules[0].data_info
+    for path, m in zip(paths[1:], modules[1:], strict=True):
+        info = m.data_info
+        same_fp = not (info.get("fingerprint") and first.get("fingerprint")) or (
+            info["fingerprint"] == first["fingerprint"]
+        )
+        if info.get("item_vocab") != first.get("item_vocab") or not same_fp:
+            raise ValueError(
+                f"{path}: trained on other data than {paths[0]}; ensemble members must share "
+                "the data and its track vocabulary"
+            )
+
+
 class EnsembleModel(nn.Module):
     """Trained ``TwoTowerModule``s as one model for evaluation and export.
 
@@ -145,16 +167,14 @@ class EnsembleModel(nn.Module):
         modules: Trained modules on the same item vocabulary.
 
     Raises:
-        ValueError: The members have different item counts or query inputs.
+        ValueError: The members have different item counts or query inputs (see also
+            :func:`check_members` for their data).
     """
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         super().__init__()
         if not modules:
             raise ValueError("an ensemble needs at least one model")
-        sizes = {int(m.hparams.num_items) for m in modules}
-        if len(sizes) > 1:
-            raise ValueError(f"ensemble members have different catalogues: {sorted(sizes)} items")
         temperatures = [float(m.loss_fn.temperature) for m in modules]
         self.query_tower = EnsembleQueryTower(
             [m.query_tower.config for m in modules], temperature_weights(temperatures)
@@ -162,7 +182,8 @@ class EnsembleModel(nn.Module):
         for tower, m in zip(self.query_tower.members, modules, strict=True):
             tower.load_state_dict(m.query_tower.state_dict())
         self.item_towers = nn.ModuleList(m.item_tower for m in modules)
-        self.hparams = {"num_items": sizes.pop(), "members": len(modules)}
+        # every member has this many items: the query tower checked num_items above
+        self.hparams = {"num_items": int(modules[0].hparams.num_items), "members": len(modules)}
 
     @torch.no_grad()
     def item_embeddings(self, chunk: int = 65536) -> Tensor:
