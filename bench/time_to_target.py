@@ -48,17 +48,24 @@ class LearningCurve(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _stop(self) -> None:
         if self._start is not None:
             self.train_seconds += time.perf_counter() - self._start
             self._start = None
 
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        # Lightning validates inside the training epoch (before on_train_epoch_end): the clock
+        # stops when validation starts, so the full-catalogue validation pass is not counted
+        if not trainer.sanity_checking:
+            self._stop()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._stop()  # epochs that end without validating
+
     def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        # Lightning validates before on_train_epoch_end: close the running epoch's clock here;
         # on_validation_end runs after the module has logged this epoch's val metrics
-        self.on_train_epoch_end(trainer, module)
         data = trainer.datamodule.data
         filter_seen = bool(data.params.get("filter_seen", False))
         was_training = module.training
