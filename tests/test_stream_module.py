@@ -336,3 +336,14 @@ def test_real_ddp_two_ranks_train_every_target_once(tmp_path, plays_dir) -> None
     args = [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path), str(plays_dir)]
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_fingerprint_covers_the_data_not_the_loader_settings(plays_dir) -> None:
+    """Export compares fingerprints: loader settings (and LightningCLI's private keys) may
+    differ between training and export; what shapes the data may not."""
+    base = _module(plays_dir).data.fingerprint
+    loader = _module(plays_dir, batch_rows=77, chunk_rows=64, num_workers=2, shuffle=True)
+    loader.hparams["_class_path"] = "twotower.data.stream_module.StreamingSessionDataModule"
+    assert loader.data.fingerprint == base
+    assert _module(plays_dir, val_fraction=0.2).data.fingerprint != base
+    assert _module(plays_dir, num_buckets=64).data.fingerprint != base

@@ -662,9 +662,6 @@ def export_checkpoint(
     dev = resolve_device(device)
     module.to(dev).eval()
     dm = dm_cls(**dm_hp)
-    if streaming:  # its fingerprint covers every saved hyper-parameter, LightningCLI's too
-        private = ckpt["datamodule_hyper_parameters"]
-        dm.hparams.update({k: v for k, v in dict(private).items() if k.startswith("_")})
     data = dm.data
     trained_fp = module.data_info.get("fingerprint")
     if trained_fp and trained_fp != data.fingerprint:

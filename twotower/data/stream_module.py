@@ -161,6 +161,15 @@ class _HashedIds:
         return self.vocab.lookup(raw)
 
 
+# The hyper-parameters that shape the data (vocabulary, splits, evaluation queries); loader
+# settings (batch rows, workers, chunking, shuffling) and LightningCLI's private keys do not.
+DATA_KEYS = (
+    "path", "columns", "sequence_by", "session_gap_minutes", "num_buckets", "min_count",
+    "user_buckets", "val_fraction", "test_fraction", "val_path", "max_eval_queries", "seed",
+    "window",
+)  # fmt: skip
+
+
 def _fingerprint(path: str | Path, params: dict[str, Any]) -> str:
     """Hash of the files' names, sizes, modification times and row counts, and ``params``."""
     h = hashlib.sha256()
@@ -329,7 +338,7 @@ class StreamingSessionDataModule(pl.LightningDataModule):
             item_counts=res.item_counts,
             features=features,
             tracks=tracks,
-            fingerprint=_fingerprint(self.path, dict(hp)),
+            fingerprint=_fingerprint(self.path, {k: hp[k] for k in DATA_KEYS}),
             params=params,
             stats=res.stats,
         )

@@ -268,7 +268,9 @@ class StreamingWindows(IterableDataset):
         """Windows of one block; updates ``carry`` to the block's end."""
         new = sequence_starts(block, self.layout, carry.prev_key, carry.prev_ts, carry.known)
         seg = np.cumsum(new)  # 0 = the sequence continued from before the block
-        keep = np.flatnonzero(block.role == TRAIN)
+        # training rows that can be window events (positives only, as in build_windows): the
+        # vocabulary lookups below then skip skipped plays
+        keep = np.flatnonzero((block.role == TRAIN) & block.positive)
         tr = block.take(keep)
         seg_k = seg[keep]
         idx = self._indices(tr)

@@ -49,12 +49,11 @@ class Vocab:
 
     def lookup(self, raw: pd.Series | np.ndarray | list[str]) -> np.ndarray:
         """Indices of ``raw`` ids (OOV for unknown, PAD for missing), int64."""
-        s = pd.Series(raw)
-        missing = s.isna().to_numpy()
-        pos = self._index.get_indexer(s.astype(str).to_numpy())
-        out = np.where(pos < 0, OOV, pos + 2).astype(np.int64)
-        out[missing] = PAD
-        return out
+        # each distinct id is looked up once (contexts: a handful of values per million rows)
+        codes, uniques = pd.factorize(pd.Series(raw), use_na_sentinel=True)  # -1: missing
+        pos = self._index.get_indexer(pd.Series(uniques, dtype=object).astype(str).to_numpy())
+        per_unique = np.append(np.where(pos < 0, OOV, pos + 2), PAD).astype(np.int64)
+        return per_unique[codes]  # code -1 (missing) picks the appended PAD
 
     def id_of(self, index: np.ndarray | list[int]) -> list[str]:
         """Raw ids of indices (reserved indices give their tokens)."""
