@@ -325,6 +325,13 @@ def write_artifact(
         if onnx:
             manifest["onnx"] = export_onnx(query_tower, tmp / ONNX_FILE, history_len)
         manifest.update(extra or {})
+        # the version follows what is written: hashed vocabularies (their hash descriptions,
+        # a raw_ids column) are format 1.1, whoever calls the writer
+        hashed = any(
+            (manifest.get(key) or {}).get("kind") == "hash" for key in ("item_vocab", "user_vocab")
+        )
+        if hashed or "raw_ids" in items.columns:
+            manifest["format_version"] = HASHED_FORMAT_VERSION
         manifest["files"] = {
             f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
             for f in sorted(tmp.iterdir())
@@ -789,8 +796,6 @@ def export_checkpoint(
     user_hash = getattr(data.user_vocab, "vocab", None)
     if user_hash is not None:
         extra["user_vocab"] = user_hash.to_dict()
-    if vocab_entry["kind"] == "hash" or user_hash is not None:
-        extra["format_version"] = HASHED_FORMAT_VERSION
     return write_artifact(
         out,
         query_tower=tower.cpu(),
