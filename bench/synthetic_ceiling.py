@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from twotower.baselines import fit_baselines  # noqa: E402
-from twotower.data.pipeline import load_data_config, prepare_data  # noqa: E402
+from twotower.data.pipeline import DataConfig, load_data_config, prepare_data  # noqa: E402
 from twotower.data.prepared import EvalSet, PreparedData  # noqa: E402
 from twotower.data.synthetic import (  # noqa: E402
     generate,
@@ -67,14 +67,13 @@ class TableScorer:
         return torch.from_numpy(self.scores[rows])  # [b, V]
 
 
-def ceiling_scores(data: PreparedData, preset: str) -> dict[str, np.ndarray]:
+def ceiling_scores(data: PreparedData, cfg: DataConfig) -> dict[str, np.ndarray]:
     """Law scores of the test queries, ``[Q, V]`` per ceiling (see the module docstring).
 
     The test target of a user is their last listened (not skipped) play (leave-last-out).
     """
-    cfg = make_config(preset)
-    plays, _, truth = generate(cfg)
-    st = play_states(plays, truth)
+    plays, _, truth = generate(make_config(**(cfg.options or {})))
+    st = play_states(plays, truth, cfg.session_gap_minutes)
     users = np.asarray(["", ""] + list(data.user_vocab.ids), dtype=object)
     items = ["", ""] + list(data.item_vocab.ids)
     track_num = {t: i for i, t in enumerate(truth.track_ids)}
@@ -112,11 +111,11 @@ def ceiling_scores(data: PreparedData, preset: str) -> dict[str, np.ndarray]:
 def run(checkpoint: str | None, bootstrap: int) -> EvalTable:
     """Evaluate the ceilings, co-occurrence (tuned on validation) and an optional checkpoint."""
     config = str(REPO / "configs" / "default.yaml")
-    data = prepare_data(load_data_config([config], {}))
-    preset = (load_data_config([config], {}).options or {}).get("preset", "default")
+    cfg = load_data_config([config], {})
+    data = prepare_data(cfg)
     scorers = [
         (TableScorer(f"ceiling, {name}", scores), "model")
-        for name, scores in ceiling_scores(data, preset).items()
+        for name, scores in ceiling_scores(data, cfg).items()
     ]
     if checkpoint:
         from twotower.evaluate import EmbeddingScorer

@@ -549,27 +549,34 @@ def next_play_law(truth: SyntheticTruth, user: int, prev: int, home: int) -> np.
     return law * np.where(on_taste, 1.0 - cfg.skip_rate, 1.0 - cfg.skip_rate_off)
 
 
-def play_states(interactions: pd.DataFrame, truth: SyntheticTruth) -> dict[str, np.ndarray]:
+def play_states(
+    interactions: pd.DataFrame, truth: SyntheticTruth, gap_minutes: float = 30.0
+) -> dict[str, np.ndarray]:
     """Per generated play: the inputs of :func:`next_play_law` that produced it.
 
     Args:
         interactions: :func:`generate`'s plays (ordered by user, then time).
         truth: Its planted structure.
+        gap_minutes: The data's session gap (``data.session_gap_minutes``).
 
     Returns:
         ``user``, ``track``, ``prev`` (-1 when the play opens its session), ``home`` (cluster of
         the session's first play) as ``[N]`` int64 arrays, and ``skipped`` ``[N]`` bool.
-        Sessions are cut where the user changes or more than 30 minutes pass (the generator
-        keeps sessions at least ``min_gap_hours`` apart, so the cut is exact).
+        Sessions are cut by the pipeline's own sessionizer (the generator keeps sessions at
+        least ``min_gap_hours`` apart, so any gap below that recovers them exactly).
     """
+    from twotower.data.sessions import events_from_frame, sessionize_events
+
     user = pd.Index(truth.user_ids).get_indexer(interactions["user_id"].astype(str).to_numpy())
     track = pd.Index(truth.track_ids).get_indexer(interactions["track_id"].astype(str).to_numpy())
     if (user < 0).any() or (track < 0).any():
         raise ValueError("play_states: plays whose user or track is not in the ground truth")
-    ts = interactions["timestamp"].to_numpy(np.int64)
-    opens = np.ones(len(ts), dtype=bool)
-    opens[1:] = (user[1:] != user[:-1]) | (ts[1:] - ts[:-1] > 1800)
-    first = np.maximum.accumulate(np.where(opens, np.arange(len(ts)), 0))  # [N]
+    ev = sessionize_events(events_from_frame(interactions), gap_minutes)
+    session = np.empty(len(interactions), dtype=np.int64)
+    session[ev.row] = ev.session  # [N] in the rows' own order
+    opens = np.ones(len(session), dtype=bool)
+    opens[1:] = session[1:] != session[:-1]
+    first = np.maximum.accumulate(np.where(opens, np.arange(len(session)), 0))  # [N]
     prev = np.where(opens, -1, np.roll(track, 1)).astype(np.int64)
     return {
         "user": user.astype(np.int64),
