@@ -165,7 +165,7 @@ def run_dataset(ds: Dataset, bootstrap: int, extra: dict[str, Any], baselines: l
             name=f"two-tower, ensemble of {len(modules)} seeds (ours)",
             fit_seconds=sum(walls),
         )
-        rows.insert(0, (ensemble, "model"))  # the paired comparison uses the first model row
+        rows.insert(0, (ensemble, "model"))  # the headline row (table.paired) comes first
     filter_seen = bool(data.params.get("filter_seen", False))
     fitted = fit_baselines(data, baselines, filter_seen=filter_seen)
     scorers = [*rows, *[(b, "baseline") for b in fitted]]
@@ -210,20 +210,11 @@ def markdown(table: Any, ds: Dataset) -> str:
         f"queries ({table.bootstrap} resamples); model trained {ex.get('epochs', '?')} epoch(s), "
         f"best checkpoint by validation NDCG@10."
     )
-    if table.paired:
-        from twotower.metrics import paired_diff
-
-        p = table.paired
+    for p in table.paired_all:  # every model row against the best baseline
         lines.append(
             f"Paired difference {p['model']} - {p['baseline']} (best baseline) on "
             f"{p['metric'].upper()}: {p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]."
         )
-        base = table.row(p["baseline"]).per_query[p["metric"]]
-        for r in table.rows:
-            if r.kind == "model" and r.name != p["model"]:
-                d, lo, hi = paired_diff(r.per_query[p["metric"]], base, n=table.bootstrap)
-                lines.append(f"Paired difference {r.name} - {p['baseline']}: "
-                             f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}].")  # fmt: skip
     if ds.peers:
         lines.append("Rows in *italics*: peers measured on this machine on the same split.")
     params = "; ".join(

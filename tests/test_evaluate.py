@@ -98,6 +98,19 @@ def test_oracle_beats_baselines_with_a_paired_interval() -> None:
     assert p["model"] == "oracle" and p["baseline"] == "popular" and p["metric"] == "ndcg@10"
     assert p["diff"] == pytest.approx(1.0 - pop.metrics["ndcg@10"][0])
     assert p["lo"] > 0
+    assert table.paired_all == [p]  # one model row: one comparison
+    # every model row gets its comparison with the same best baseline, in row order
+    from twotower.baselines import MostPopular
+    from twotower.evaluate import evaluate_scorers
+
+    twin = MostPopular().fit(data)
+    twin.name = "popularity as a model"
+    rows = [(OracleScorer(), "model"), (twin, "model"), (MostPopular().fit(data), "baseline")]
+    two = evaluate_scorers(rows, data, "test", (10,), bootstrap=50)
+    assert [q["model"] for q in two.paired_all] == ["oracle", "popularity as a model"]
+    assert {q["baseline"] for q in two.paired_all} == {"popular"}
+    assert two.paired == two.paired_all[0] and two.paired_all[1]["diff"] == 0.0
+    assert "popularity as a model - popular" in two.to_markdown()
     # coverage@10: a ring of 10 items, so popularity's one list of 10 covers all of it
     assert table.cutoff == 10 and pop.coverage == pytest.approx(1.0)
     counts = data.item_counts[2:].astype(float)

@@ -164,8 +164,9 @@ class EvalTable:
         cold_targets: Queries whose target never occurs in training (a miss for every row).
         cutoff: List length of the coverage and popularity columns.
         rows: The rows.
-        paired: Model minus best baseline on :data:`PAIRED_METRIC`: ``{"model", "baseline",
-            "metric", "diff", "lo", "hi"}``, or None without a model and a baseline.
+        paired: First model row minus best baseline on :data:`PAIRED_METRIC`: ``{"model",
+            "baseline", "metric", "diff", "lo", "hi"}``, or None without a model and a baseline.
+        paired_all: The same comparison for every model row, in row order (``paired`` first).
         bootstrap: Resamples used for the intervals.
         dataset: Free-text dataset label.
     """
@@ -179,6 +180,7 @@ class EvalTable:
     cutoff: int
     rows: list[EvalRow]
     paired: dict[str, Any] | None = None
+    paired_all: list[dict[str, Any]] = field(default_factory=list)
     bootstrap: int = 1000
     dataset: str = ""
 
@@ -227,8 +229,7 @@ class EvalTable:
             f"{self.num_items:,} items ranked in full, {seen}; recall@K = HR@K (one target per "
             f"query); 95% bootstrap intervals over queries ({self.bootstrap} resamples)."
         )
-        if self.paired:
-            p = self.paired
+        for p in self.paired_all:
             lines.append(
                 f"Paired difference {p['model']} - {p['baseline']} on {p['metric']}: "
                 f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]"
@@ -265,6 +266,7 @@ class EvalTable:
                 for r in self.rows
             ],
             "paired": self.paired,
+            "paired_all": self.paired_all,
         }
 
     def to_json(self) -> str:
@@ -390,14 +392,15 @@ def evaluate_scorers(
         bootstrap=bootstrap,
         dataset=dataset,
     )
-    table.paired = paired_vs_best_baseline(table, bootstrap=bootstrap, seed=seed)
+    table.paired_all = paired_vs_best_baseline(table, bootstrap=bootstrap, seed=seed)
+    table.paired = table.paired_all[0] if table.paired_all else None
     return table
 
 
 def paired_vs_best_baseline(
     table: EvalTable, metric: str | None = None, bootstrap: int = 1000, seed: int = 0
-) -> dict[str, Any] | None:
-    """Paired bootstrap of (first model row) - (best baseline row) on ``metric``.
+) -> list[dict[str, Any]]:
+    """Paired bootstrap of (each model row) - (best baseline row) on ``metric``, in row order.
 
     Args:
         table: A table whose rows still hold their per-query values.
@@ -409,20 +412,24 @@ def paired_vs_best_baseline(
     models = [r for r in table.rows if r.kind == "model" and metric in r.per_query]
     bases = [r for r in table.rows if r.kind == "baseline" and metric in r.per_query]
     if not models or not bases:
-        return None
-    model = models[0]
+        return []
     best = max(bases, key=lambda r: float(r.per_query[metric].mean()))
-    diff, lo, hi = paired_diff(
-        model.per_query[metric], best.per_query[metric], n=bootstrap, seed=seed
-    )
-    return {
-        "model": model.name,
-        "baseline": best.name,
-        "metric": metric,
-        "diff": diff,
-        "lo": lo,
-        "hi": hi,
-    }
+    out = []
+    for model in models:
+        diff, lo, hi = paired_diff(
+            model.per_query[metric], best.per_query[metric], n=bootstrap, seed=seed
+        )
+        out.append(
+            {
+                "model": model.name,
+                "baseline": best.name,
+                "metric": metric,
+                "diff": diff,
+                "lo": lo,
+                "hi": hi,
+            }  # fmt: skip
+        )
+    return out
 
 
 def evaluate_model(
