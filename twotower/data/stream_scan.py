@@ -52,7 +52,13 @@ def holdout_roles(user_ids: Any, val_fraction: float, test_fraction: float) -> n
             f"val_fraction={val_fraction}, test_fraction={test_fraction}: need both >= 0 "
             "and a sum < 1"
         )
-    u = hash_buckets(user_ids, HOLDOUT_RESOLUTION, seed=HOLDOUT_SEED) / HOLDOUT_RESOLUTION
+    ids = np.asarray(user_ids, dtype=object)
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int8)
+    # rows come grouped by listener: hash each run of equal ids once, then repeat
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    per_run = hash_buckets(ids[starts], HOLDOUT_RESOLUTION, seed=HOLDOUT_SEED)
+    u = np.repeat(per_run, np.diff(np.r_[starts, len(ids)])) / HOLDOUT_RESOLUTION
     roles = np.zeros(len(u), dtype=np.int8)
     roles[u < val_fraction + test_fraction] = TEST
     roles[u < val_fraction] = VALID
