@@ -1,4 +1,4 @@
-"""HTTP service: endpoints, validation, limits, metrics, listeners, review routes.
+"""HTTP service: endpoints, validation, limits, metrics, listeners, review routes, batching.
 
 Most tests run against a fake retriever with a planted rule ("the next track is the one after
 the last known track"), so exact answers can be asserted; ``test_real_artifact_*`` serve a real
@@ -49,6 +49,7 @@ class FakeRetriever:
         self.step = step
         self.ids = [f"t{i}" for i in range(N_TRACKS)]
         self.calls: list[dict] = []
+        self.batch_calls: list[int] = []  # size of every recommend_batch call
 
     def _rank(self, centre: int, k: int, skip: set[str]) -> FakeRec:
         order = sorted(range(N_TRACKS), key=lambda j: (abs(j - centre), j))
@@ -73,11 +74,33 @@ class FakeRetriever:
         rec.unknown = unknown
         return rec
 
+    def recommend_batch(self, histories, k=10, exclude=None, contexts=None) -> list[FakeRec]:
+        self.batch_calls.append(len(histories))
+        if any(POISON in h for h in histories):
+            raise ValueError(f"history holds {POISON}")
+        contexts = contexts or [None] * len(histories)
+        return [
+            self.recommend(h, k, e, c) for h, e, c in zip(histories, exclude, contexts, strict=True)
+        ]
+
     def similar_tracks(self, track_id, k=10) -> FakeRec:
         return self._rank(self.ids.index(track_id), k, {track_id})
 
 
-def write_fake_artifact(path: Path, step: int, holdout: bool = True) -> Path:
+POISON = "t13"  # a known track the fake refuses (ValueError): one failing request
+
+
+class PoisonRetriever(FakeRetriever):
+    def recommend(self, history, k=10, exclude=None, context=None) -> FakeRec:
+        if POISON in history:
+            raise ValueError(f"history holds {POISON}")
+        return super().recommend(history, k, exclude, context)
+
+
+PLAYS = {20: 50, 3: 40, 11: 30}  # training plays: t20, t3, t11 most played, then catalogue order
+
+
+def write_fake_artifact(path: Path, step: int, holdout: bool = True, plays: bool = True) -> Path:
     path.mkdir(parents=True)
     manifest = {
         "format_version": 1,
@@ -93,8 +116,11 @@ def write_fake_artifact(path: Path, step: int, holdout: bool = True) -> Path:
             "track_id": [f"t{i}" for i in range(N_TRACKS)],
             "title": [_title(i) for i in range(N_TRACKS)],
             "artist": [_artist(i) for i in range(N_TRACKS)],
+            "plays": [PLAYS.get(i, 1) for i in range(N_TRACKS)],
         }
     )
+    if not plays:
+        items = items.drop(columns="plays")
     items.to_parquet(path / "items.parquet")
     if holdout:
         pd.DataFrame(
@@ -174,10 +200,121 @@ def test_recommend_partially_unknown_is_reported(client: TestClient) -> None:
     assert r.json()["items"][0]["track_id"] == "t11"
 
 
-def test_recommend_all_unknown_is_422_naming_them(client: TestClient) -> None:
-    r = client.post("/recommend", json={"history": ["nope", "zzz", "nope"], "k": 5})
-    assert r.status_code == 422
-    assert r.json()["detail"]["unknown"] == ["nope", "zzz"]
+def _ids(r) -> list[str]:
+    return [t["track_id"] for t in r.json()["items"]]
+
+
+def test_cold_start_empty_history_is_popular_with_note(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": [], "k": 4})
+    assert r.status_code == 200, r.text
+    assert _ids(r) == ["t20", "t3", "t11", "t0"]  # most played, then catalogue order
+    assert r.json()["notes"] == ["empty history: popular tracks"]
+    assert r.json()["unknown"] == []
+    total = sum(PLAYS.values()) + N_TRACKS - len(PLAYS)
+    assert r.json()["items"][0]["score"] == pytest.approx(50 / total)  # share of plays
+    assert client.app.state.model.retriever.calls == []  # no model query for nothing
+
+
+def test_cold_start_all_unknown_is_popular_with_note_and_unknown(client: TestClient) -> None:
+    r = client.post("/recommend", json={"history": ["nope", "zzz", "nope"], "k": 3})
+    assert r.status_code == 200, r.text
+    assert _ids(r) == ["t20", "t3", "t11"]
+    assert r.json()["unknown"] == ["nope", "zzz"]
+    assert r.json()["notes"] == ["no known track in history: popular tracks"]
+    r = client.post(
+        "/recommend", json={"history": ["nope"], "k": 2, "context": {"context_type": "radio"}}
+    )
+    assert r.json()["notes"] == [
+        "no known track in history: popular tracks",
+        "the context is not used for popular tracks",
+    ]
+
+
+def test_cold_start_without_play_counts_says_so(tmp_path: Path) -> None:
+    class Defaults(FakeRetriever):
+        def recommend(self, history, k=10, exclude=None, context=None) -> FakeRec:
+            if not history:
+                return self._rank(0, k, set())  # the model's answer to "no history"
+            return super().recommend(history, k, exclude, context)
+
+    art = write_fake_artifact(tmp_path / "a", step=1, plays=False)
+    c = TestClient(create_app(art, loader=lambda p: Defaults(1)))
+    r = c.post("/recommend", json={"history": ["nope"], "k": 2})
+    assert r.status_code == 200 and _ids(r) == ["t0", "t1"]
+    assert r.json()["unknown"] == ["nope"]
+    assert r.json()["notes"] == [
+        "no known track in history: the model's default tracks (this export records no play counts)"
+    ]
+    assert (
+        c.post("/recommend", json={"history": [], "k": 2})
+        .json()["notes"][0]
+        .startswith("empty history: the model's default tracks")
+    )
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"history": ["t1"], "k": True}, "k"),
+        ({"history": ["t1"], "k": "5"}, "k"),
+        ({"history": ["t1"], "k": 5.0}, "k"),
+        ({"history": ["t1"], "context": {"hour": "9"}}, "hour"),
+        ({"history": ["t1"], "context": {"hour": True}}, "hour"),
+        ({"history": ["t1"], "exclude_history": "yes"}, "exclude_history"),
+        ({"history": ["t1"], "exclude_history": 1}, "exclude_history"),
+        ({"history": [1]}, "history.0"),
+        ({"history": ["t1"], "context": {"user": 7}}, "user"),
+        ({"history": ["t1"], "context": {"context_type": False}}, "context_type"),
+    ],
+)
+def test_recommend_types_are_strict(client: TestClient, body: dict, field: str) -> None:
+    r = client.post("/recommend", json=body)
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"]
+    assert client.app.state.model.retriever.calls == []
+
+
+SURROGATE_BODIES = [
+    ("/recommend", {"history": ["\ud800"]}, "history.0"),
+    ("/recommend", {"history": ["t1", "a\udfffb"]}, "history.1"),
+    ("/recommend", {"history": ["t1"], "context": {"context_type": "\ud800"}}, "context_type"),
+    ("/recommend", {"history": ["t1"], "context": {"user": "x\udc00"}}, "context.user"),
+    ("/recommend", {"history": ["t1"], "k": 0, "context": {"user": "\ud800"}}, "body.k"),
+    (
+        "/review/rate",
+        {"reviewer": "\ud800", "item": "u0", "list": "A", "position": 0, "rating": "wtf"},
+        "reviewer",
+    ),  # fmt: skip
+    (
+        "/review/rate",
+        {"reviewer": "ann", "item": "\ud800", "list": "A", "position": 0, "rating": "wtf"},
+        "item",
+    ),  # fmt: skip
+    (
+        "/review/rate",
+        {"reviewer": "ann", "item": "u0", "list": "\ud800", "position": 0, "rating": "wtf"},
+        "list",
+    ),  # fmt: skip
+    (
+        "/review/rate",
+        {"reviewer": "ann", "item": "u0", "list": "A", "position": 0, "rating": "\udbff"},
+        "rating",
+    ),  # fmt: skip
+    ("/review/rate", {"\ud800": 1}, "body"),
+]
+
+
+@pytest.mark.parametrize("url,body,field", SURROGATE_BODIES)
+def test_lone_surrogates_are_422_with_a_readable_message(
+    review_client: TestClient, url: str, body: dict, field: str
+) -> None:
+    raw = json.dumps(body).encode()  # ASCII JSON: the surrogate goes as the escape \\ud800
+    assert b"\\ud" in raw
+    r = review_client.post(url, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    r.content.decode("utf-8")  # valid UTF-8 JSON
+    assert field in r.json()["message"], r.json()
+    assert review_client.get("/review/report").json()["ratings"] == 0
 
 
 @pytest.mark.parametrize(
@@ -490,11 +627,33 @@ def test_review_rate_upserts_and_report(review_client: TestClient) -> None:
         ({"reviewer": "a", "item": "u0", "list": "A", "position": 0, "rating": "meh"}, 422),
         ({"reviewer": "a", "item": "u0", "list": "A", "position": 4, "rating": "wtf"}, 422),
         ({"reviewer": "a", "item": "nobody", "list": "A", "position": 0, "rating": "wtf"}, 404),
+        ({"reviewer": "a", "item": "u0", "list": "A", "position": "0", "rating": "wtf"}, 422),
+        ({"reviewer": "a", "item": "u0", "list": "A", "position": True, "rating": "wtf"}, 422),
+        ({"reviewer": "a", "item": "u0", "list": "A", "position": 0.0, "rating": "wtf"}, 422),
+        ({"reviewer": 5, "item": "u0", "list": "A", "position": 0, "rating": "wtf"}, 422),
+        ({"reviewer": "   ", "item": "u0", "list": "A", "position": 0, "rating": "wtf"}, 422),
     ],
 )
 def test_review_rate_validation(review_client: TestClient, body: dict, status: int) -> None:
     assert review_client.post("/review/rate", json=body).status_code == status
     assert review_client.get("/review/report").json()["ratings"] == 0
+
+
+@pytest.mark.parametrize(
+    "name", ["a\x00b", "ann\n", "\tann", "an\x1b[31mn", "a\x7f", "a\x85", "\r"]
+)
+def test_reviewer_names_with_control_characters_are_422(
+    review_client: TestClient, name: str
+) -> None:
+    body = {"reviewer": name, "item": "u0", "list": "A", "position": 0, "rating": "wtf"}
+    r = review_client.post("/review/rate", json=body)
+    assert r.status_code == 422, r.text
+    assert "control character" in r.json()["message"] and "reviewer" in r.json()["message"]
+    r = review_client.get("/review/items", params={"reviewer": name})
+    assert r.status_code == 422 and "control character" in r.json()["message"]
+    assert review_client.get("/review/report").json()["ratings"] == 0
+    ok = {**body, "reviewer": "Zoë 🎧 O'Brien"}  # any printable name is fine
+    assert review_client.post("/review/rate", json=ok).status_code == 200
 
 
 # -- a real artifact (twotower.export.write_artifact + Retriever) --------------------------------
@@ -595,7 +754,9 @@ def test_real_artifact_recommend(real: dict, real_client: TestClient) -> None:
     assert r.json()["unknown"] == ["nope"]
     assert {real["cluster"][t["track_id"]] for t in r.json()["items"]} == {1}
     r = real_client.post("/recommend", json={"history": ["nope"], "k": 3})
-    assert r.status_code == 422 and r.json()["detail"]["unknown"] == ["nope"]
+    assert r.status_code == 200 and r.json()["unknown"] == ["nope"]
+    assert _ids(r) == ["g00", "g01", "g02"]  # the golden export's most played tracks
+    assert r.json()["notes"] == ["no known track in history: popular tracks"]
     # context the model does not use is accepted and noted, not silently dropped
     r = real_client.post("/recommend", json={"history": ["g06"], "k": 3, "context": {"hour": 3}})
     assert r.status_code == 200 and "hour" in " ".join(r.json()["notes"])

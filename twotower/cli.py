@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reviews", default="reviews.sqlite", help="SQLite file for review ratings")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=1.0,
+        help="how long concurrent /recommend requests wait to share one batch (a lone one: 0)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=64, help="most requests per batch (1: no batching)"
+    )
+    p.add_argument("--workers", type=int, default=1, help="server processes (uvicorn workers)")
 
     p = sub.add_parser("review-report", help="WTF share per model from the review panel's ratings")
     p.add_argument("--reviews", required=True, help="SQLite file written by `twotower serve`")

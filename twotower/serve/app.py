@@ -1,12 +1,25 @@
-"""HTTP service: recommendations, similar tracks, search, listeners, metrics, review panel.
+r"""HTTP service: recommendations, similar tracks, search, listeners, metrics, review panel.
 
 ``create_app`` builds the FastAPI application from an artifact folder (and optionally a second
 one for the side-by-side review panel); ``serve_main`` runs it with uvicorn for ``twotower
 serve``. No endpoint takes a file path from the request: every file is fixed at start-up.
 
-Unknown track ids in a history: when at least one id is known, the answer is 200 and lists the
-unknown ones in ``unknown``; when every id is unknown the answer is 422 and names them all. An
-empty history is allowed and gets the model's default list.
+Unknown track ids in a history are listed in ``unknown``. Cold start is one documented answer:
+an empty history, or one without any known id, gets 200 with the most played tracks of
+training and a note saying why (``"empty history: popular tracks"``, ``"no known track in
+history: popular tracks"``); an export without play counts answers the model's default list
+and says so instead.
+
+Input is strict: JSON numbers and booleans are not taken from strings or from each other
+(``"k": true`` and ``"hour": "9"`` are 422), every string must be valid Unicode (a lone
+surrogate escape such as ``"\ud800"`` is 422, naming the field), and reviewer names must not
+hold control characters. Every 422 carries FastAPI's ``detail`` list and a one-line
+``message``.
+
+Concurrent ``POST /recommend`` requests are combined by a :class:`~twotower.serve.batcher.
+Batcher` into one ``Retriever.recommend_batch`` call (one query-tower forward, one index
+search); a request alone is answered at once (see that module for when batches flush).
+``twotower serve --workers N`` runs N processes (uvicorn workers over :func:`app_from_env`).
 
 Tracks of the history are left out of the answer when the request says ``exclude_history``;
 without it the artifact decides (``filter_seen`` of the run's data config, as in evaluation),
@@ -21,12 +34,15 @@ reviewing, not with reviewers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import json
 import math
+import os
 import random
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,8 +54,11 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from twotower.serve.batcher import Batcher
 from twotower.serve.catalogue import (
     HOLDOUT_FILE,
     Holdout,
@@ -50,16 +69,40 @@ from twotower.serve.catalogue import (
     load_model,
 )
 from twotower.serve.metrics import Metrics, ServiceMiddleware
-from twotower.serve.reviews import RATINGS, ReviewStore, build_report, ratings_csv
+from twotower.serve.reviews import RATINGS, ReviewStore, build_report, check_reviewer, ratings_csv
 
 STATIC = Path(__file__).parent / "static"
 MAX_K = 200
 MAX_HISTORY = 500
 MAX_BODY_BYTES = 64 * 1024
 MAX_SEARCH = 50
+BATCH_WINDOW_MS = 1.0
+MAX_BATCH = 64
+ENV_CONFIG = "TWOTOWER_SERVE_CONFIG"
 
 
-TrackId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+def _valid_unicode(value: str) -> str:
+    r"""Refuse lone UTF-16 surrogates (JSON ``"\ud800"``): not text, and no UTF-8 for them."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(
+                f"lone surrogate U+{ord(value[e.start]):04X} at position {e.start}: "
+                "not valid Unicode (send the character itself or a surrogate pair)"
+            ) from None
+    return value
+
+
+def _valid_reviewer(value: str | None) -> str | None:
+    return None if value is None else check_reviewer(value)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+TrackId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256), AfterValidator(_valid_unicode)
+]
+Reviewer = Annotated[str, StringConstraints(max_length=64), AfterValidator(check_reviewer)]
 
 
 # -- request / response models -------------------------------------------------------------------
@@ -68,24 +111,26 @@ TrackId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 class Context(BaseModel):
     """Optional listening context of the request."""
 
-    model_config = ConfigDict(extra="forbid")
-    hour: int | None = Field(None, ge=0, le=23, description="hour of day, 0-23")
-    context_type: str | None = Field(
+    model_config = ConfigDict(extra="forbid", strict=True)
+    hour: int | None = Field(None, ge=0, le=23, description="hour of day, 0-23 (a JSON integer)")
+    context_type: Text | None = Field(
         None, max_length=64, description="e.g. radio, editorial_playlist"
     )
-    user: str | None = Field(
+    user: Text | None = Field(
         None, max_length=256, description="listener id, for models with user embeddings"
     )
 
 
 class RecommendRequest(BaseModel):
-    """Body of ``POST /recommend``."""
+    """Body of ``POST /recommend`` (strict: no strings for numbers, no booleans for integers)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     history: list[TrackId] = Field(
-        ..., max_length=MAX_HISTORY, description="track ids, oldest first"
+        ...,
+        max_length=MAX_HISTORY,
+        description="track ids, oldest first; empty or all unknown: popular tracks and a note",
     )
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: int = Field(10, ge=1, le=MAX_K, description="a JSON integer")
     context: Context | None = None
     exclude_history: bool | None = Field(
         None,
@@ -100,15 +145,17 @@ class RecommendResponse(BaseModel):
     items: list[ScoredTrack]
     unknown: list[str] = Field(default_factory=list, description="history ids not in vocabulary")
     notes: list[str] = Field(
-        default_factory=list, description="inputs the model could not use (context, user)"
+        default_factory=list,
+        description="inputs the model could not use (context, user), and why a cold-start "
+        "answer is the popular tracks",
     )
 
 
 class RateRequest(BaseModel):
     """Body of ``POST /review/rate``."""
 
-    model_config = ConfigDict(extra="forbid")
-    reviewer: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reviewer: Reviewer = Field(..., description="no control characters; surrounding spaces dropped")
     item: TrackId
     list: Literal["A", "B"]
     position: int = Field(..., ge=0, le=MAX_K)
@@ -127,8 +174,8 @@ def _field(rec: Any, name: str) -> Any:
     return getattr(rec, name, None)
 
 
-def _as_response(rec: Any) -> RecommendResponse:
-    """Turn a Retriever result (object or mapping) into the response model."""
+def _as_response(rec: Any, k: int | None = None) -> RecommendResponse:
+    """Turn a Retriever result (object or mapping) into the response model (its first ``k``)."""
     ids = list(_field(rec, "ids") or [])
     titles = list(_field(rec, "titles") or [""] * len(ids))
     artists = list(_field(rec, "artists") or [""] * len(ids))
@@ -136,7 +183,7 @@ def _as_response(rec: Any) -> RecommendResponse:
     items = [
         ScoredTrack(track_id=str(i), title=_s(t), artist=_s(a), score=float(s))
         for i, t, a, s in zip(ids, titles, artists, scores, strict=True)
-    ]
+    ][:k]
     return RecommendResponse(
         items=items,
         unknown=[str(u) for u in _field(rec, "unknown") or []],
@@ -189,6 +236,86 @@ class ReviewPanel:
         return rec.items
 
 
+@dataclass(frozen=True)
+class RecommendJob:
+    """One ``/recommend`` query with a known track in its history (what the batcher combines).
+
+    Attributes:
+        history: Track ids, oldest first.
+        k: Recommendations wanted.
+        exclude: Leave the history's tracks out (already resolved from the artifact default).
+        context: Context dict for the retriever, or None.
+    """
+
+    history: list[str]
+    k: int
+    exclude: bool
+    context: dict | None
+
+
+def _cold_start(
+    model: LoadedModel, history: list[str], k: int, context: dict | None
+) -> RecommendResponse:
+    """The answer to a history without any known track: popular tracks and a note why."""
+    reason = "empty history" if not history else "no known track in history"
+    unknown = list(dict.fromkeys(history))
+    try:
+        items = model.catalogue.popular(k)
+        notes = [f"{reason}: popular tracks"]
+        if context:
+            notes.append("the context is not used for popular tracks")
+    except LookupError:  # an export without play counts: the model's answer to nothing
+        try:
+            rec = model.retriever.recommend([], k=k, exclude=None, context=context)
+        except (KeyError, ValueError) as e:
+            raise HTTPException(422, detail=str(e)) from e
+        resp = _as_response(rec, k)
+        items = resp.items
+        notes = [
+            f"{reason}: the model's default tracks (this export records no play counts)",
+            *resp.notes,
+        ]
+    return RecommendResponse(items=items, unknown=unknown, notes=notes)
+
+
+def _job(
+    model: LoadedModel,
+    history: list[str],
+    k: int,
+    exclude_history: bool | None,
+    context: dict | None,
+) -> RecommendJob | None:
+    """The retriever query of a request, or None when its history has no known track."""
+    if not history or not model.catalogue.known(history).any():
+        return None
+    exclude = model.filter_seen if exclude_history is None else bool(exclude_history)
+    return RecommendJob(list(history), k, exclude, context)
+
+
+def _run_jobs(model: LoadedModel, jobs: list[RecommendJob]) -> list[RecommendResponse]:
+    """Answer jobs with one ``recommend_batch`` call: one tower forward, one index search.
+
+    The search asks for the largest ``k`` of the jobs and each answer keeps its own first
+    ``k`` (exact for a flat index; an approximate one may break ties differently).
+    """
+    batch = getattr(model.retriever, "recommend_batch", None)
+    if batch is None or len(jobs) == 1:
+        recs = [
+            model.retriever.recommend(
+                j.history, k=j.k, exclude="history" if j.exclude else None, context=j.context
+            )
+            for j in jobs
+        ]
+    else:
+        recs = batch(
+            [j.history for j in jobs],
+            k=max(j.k for j in jobs),
+            exclude=[j.history if j.exclude else [] for j in jobs],
+            contexts=[j.context for j in jobs],
+        )
+    return [_as_response(r, j.k) for r, j in zip(recs, jobs, strict=True)]
+
+
 def _recommend(
     model: LoadedModel,
     history: list[str],
@@ -196,24 +323,14 @@ def _recommend(
     exclude_history: bool | None,
     context: dict | None,
 ) -> RecommendResponse:
-    known = [h for h in history if h in model.catalogue]
-    if history and not known:
-        raise HTTPException(
-            422,
-            detail={
-                "message": "none of the history's track ids is in this model's vocabulary",
-                "unknown": list(dict.fromkeys(history)),
-            },
-        )
+    """One recommendation request, unbatched (listener view, review panel, batching off)."""
+    job = _job(model, history, k, exclude_history, context)
+    if job is None:
+        return _cold_start(model, history, k, context)
     try:
-        if exclude_history is None:
-            exclude_history = model.filter_seen
-        rec = model.retriever.recommend(
-            history, k=k, exclude="history" if exclude_history else None, context=context
-        )
+        return _run_jobs(model, [job])[0]
     except (KeyError, ValueError) as e:
         raise HTTPException(422, detail=str(e)) from e
-    return _as_response(rec)
 
 
 def create_app(
@@ -226,6 +343,8 @@ def create_app(
     seed: int = 0,
     max_body_bytes: int = MAX_BODY_BYTES,
     loader: Callable[[Path], RetrieverLike] | None = None,
+    batch_window_ms: float = BATCH_WINDOW_MS,
+    max_batch: int = MAX_BATCH,
 ) -> FastAPI:
     """Build the service.
 
@@ -238,6 +357,10 @@ def create_app(
         seed: Seed of the review sample and of the hidden A/B assignment.
         max_body_bytes: Larger request bodies get 413.
         loader: Builds a retriever from a folder (default ``Retriever.load``; tests swap it).
+        batch_window_ms: How long the batcher waits for more concurrent ``/recommend``
+            requests once batches have company (a request alone never waits).
+        max_batch: Most requests per batched call; 1 turns batching off (each request is
+            answered on its own, in the thread pool).
     """
     model = load_model(artifacts, loader)
     panel: ReviewPanel | None = None
@@ -260,6 +383,20 @@ def create_app(
         store.assign(items, model.label, other.label, seed)
         panel = ReviewPanel((model, other), store, items, holdout, review_k)
 
+    batcher: Batcher[RecommendJob, RecommendResponse] | None = None
+    if max_batch > 1:
+        batcher = Batcher(
+            lambda jobs: _run_jobs(model, jobs),
+            window_s=batch_window_ms / 1000,
+            max_batch=max_batch,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if batcher is not None:
+            batcher.close()
+
     metrics = Metrics()
     app = FastAPI(
         title="twotower",
@@ -267,11 +404,14 @@ def create_app(
         version=str(model.manifest.get("package_version", "")),
         docs_url=None,  # FastAPI's Swagger UI loads from a CDN; /docs below works offline
         redoc_url=None,
+        lifespan=lifespan,
     )
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.state.model = model
     app.state.panel = panel
+    app.state.batcher = batcher
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def page(name: str) -> FileResponse:
@@ -288,19 +428,38 @@ def create_app(
     @app.get("/healthz", summary="Artifact format, catalogue size, index spec, creation time")
     def healthz() -> dict:
         out = {"status": "ok", **model.health()}
+        out["batching"] = (
+            {"window_ms": batch_window_ms, "max_batch": max_batch} if batcher is not None else None
+        )
         if panel is not None:
             out["review"] = {"items": len(panel.items), "k": panel.k}
         return out
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
     def metrics_endpoint() -> PlainTextResponse:
-        text = metrics.render({"twotower_catalogue_size": float(len(model.catalogue))})
+        extra = {"twotower_catalogue_size": float(len(model.catalogue))}
+        if batcher is not None:
+            st = batcher.stats
+            extra |= {
+                "twotower_recommend_batches": float(st.batches),
+                "twotower_recommend_batched_requests": float(st.jobs),
+                "twotower_recommend_largest_batch": float(st.largest),
+            }
+        text = metrics.render(extra)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/recommend", response_model=RecommendResponse, summary="Next tracks")
-    def recommend(req: RecommendRequest) -> RecommendResponse:
-        ctx = req.context.model_dump(exclude_none=True) if req.context else None
-        return _recommend(model, req.history, req.k, req.exclude_history, ctx or None)
+    async def recommend(req: RecommendRequest) -> RecommendResponse:
+        ctx = (req.context.model_dump(exclude_none=True) if req.context else None) or None
+        job = _job(model, req.history, req.k, req.exclude_history, ctx)
+        try:
+            if job is None:
+                return _cold_start(model, req.history, req.k, ctx)
+            if batcher is None:
+                return (await run_in_threadpool(_run_jobs, model, [job]))[0]
+            return await batcher.submit(job)
+        except (KeyError, ValueError) as e:
+            raise HTTPException(422, detail=str(e)) from e
 
     @app.get("/similar/{track_id}", response_model=RecommendResponse, summary="Similar tracks")
     def similar(
@@ -394,12 +553,14 @@ def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
 
     @app.get("/review/items", summary="Review sample with the reviewer's progress")
     def review_items(
-        reviewer: Annotated[str | None, Query(max_length=64)] = None,
+        reviewer: Annotated[
+            str | None, Query(max_length=64), AfterValidator(_valid_reviewer)
+        ] = None,
     ) -> dict:
         p = need_panel()
         done: dict[str, int] = {}
         if reviewer:
-            for r in p.store.ratings(reviewer=reviewer.strip()):
+            for r in p.store.ratings(reviewer=reviewer):
                 done[r.item] = done.get(r.item, 0) + 1
         return {
             "k": p.k,
@@ -409,7 +570,9 @@ def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
     @app.get("/review/items/{item}", summary="History and the two anonymous lists of an item")
     def review_item(
         item: Annotated[str, PathParam(min_length=1, max_length=256)],
-        reviewer: Annotated[str | None, Query(max_length=64)] = None,
+        reviewer: Annotated[
+            str | None, Query(max_length=64), AfterValidator(_valid_reviewer)
+        ] = None,
     ) -> dict:
         p = need_panel()
         if item not in p.items:
@@ -422,7 +585,7 @@ def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
         if reviewer:
             mine = {
                 f"{r.list}:{r.position}": r.rating
-                for r in p.store.ratings(reviewer=reviewer.strip(), item=item)
+                for r in p.store.ratings(reviewer=reviewer, item=item)
             }
         return {
             "id": item,
@@ -483,16 +646,62 @@ def _add_review_routes(app: FastAPI, panel: ReviewPanel | None) -> None:
         )
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that can always be sent: text that is not valid Unicode goes out escaped."""
+
+    def render(self, content: Any) -> bytes:
+        r"""UTF-8 JSON; ``\uXXXX`` escapes when a string holds a lone surrogate."""
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _printable(x: Any) -> Any:
+    r"""Strings of an error report, lone surrogates written as ``\udXXX`` (readable, UTF-8)."""
+    if isinstance(x, str):
+        return x if x.isascii() else x.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(x, dict):
+        return {_printable(k): _printable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_printable(v) for v in x]
+    return x
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with the validation errors; FastAPI's own handler fails (500) on non-UTF-8 bodies."""
-    detail = jsonable_encoder(
-        exc.errors(),
-        custom_encoder={
-            bytes: lambda b: b.decode("utf-8", "backslashreplace"),
-            float: lambda x: x if math.isfinite(x) else str(x),  # NaN/Infinity: not JSON
-        },
+    """422 with the validation errors and a one-line message.
+
+    FastAPI's own handler fails (500) on non-UTF-8 bodies and on strings with lone
+    surrogates; here every string of the report is made printable first.
+    """
+    errors = [{k: v for k, v in e.items() if k not in ("ctx", "url")} for e in exc.errors()]
+    detail = _printable(
+        jsonable_encoder(
+            errors,
+            custom_encoder={
+                bytes: lambda b: b.decode("utf-8", "backslashreplace"),
+                float: lambda x: x if math.isfinite(x) else str(x),  # NaN/Infinity: not JSON
+            },
+        )
     )
-    return JSONResponse(status_code=422, content={"detail": detail})
+    parts = []
+    for e in detail[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", []))
+        parts.append(f"{loc}: {e.get('msg', '')}" if loc else str(e.get("msg", "")))
+    if len(detail) > 5:
+        parts.append(f"... and {len(detail) - 5} more")
+    return SafeJSONResponse(
+        status_code=422, content={"detail": detail, "message": "; ".join(parts)}
+    )
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's HTTP error answer, safe for any text in ``detail``."""
+    headers = getattr(exc, "headers", None)
+    return SafeJSONResponse(
+        status_code=exc.status_code, content={"detail": _printable(exc.detail)}, headers=headers
+    )
 
 
 def _docs_html(spec: dict) -> str:
@@ -521,8 +730,28 @@ def _docs_html(spec: dict) -> str:
     )
 
 
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn workers (``twotower serve --workers N``).
+
+    Returns:
+        ``create_app`` with the JSON options in ``$TWOTOWER_SERVE_CONFIG``, which
+        ``serve_main`` sets before starting the workers.
+    """
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        raise RuntimeError(f"${ENV_CONFIG} is not set (use `twotower serve`)")
+    cfg = json.loads(raw)
+    return create_app(
+        cfg["artifacts"],
+        cfg.get("compare"),
+        cfg.get("reviews"),
+        batch_window_ms=float(cfg.get("batch_window_ms", BATCH_WINDOW_MS)),
+        max_batch=int(cfg.get("max_batch", MAX_BATCH)),
+    )
+
+
 def serve_main(args: argparse.Namespace) -> int:
-    """``twotower serve``: load the artifacts and run uvicorn."""
+    """``twotower serve``: load the artifacts and run uvicorn (``--workers`` processes)."""
     import uvicorn
 
     try:
@@ -535,7 +764,43 @@ def serve_main(args: argparse.Namespace) -> int:
             "there is no authentication",
             file=sys.stderr,
         )
-    app = create_app(args.artifacts, args.compare, args.reviews if args.compare else None)
-    print(f"twotower serve: http://{args.host}:{args.port}/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    window = float(getattr(args, "batch_window_ms", BATCH_WINDOW_MS))
+    max_batch = int(getattr(args, "max_batch", MAX_BATCH))
+    workers = int(getattr(args, "workers", 1) or 1)
+    if window < 0 or max_batch < 1 or workers < 1:
+        raise ValueError("--batch-window-ms must be >= 0, --max-batch and --workers >= 1")
+    cfg = {
+        "artifacts": str(args.artifacts),
+        "compare": str(args.compare) if args.compare else None,
+        "reviews": str(args.reviews) if args.compare else None,
+        "batch_window_ms": window,
+        "max_batch": max_batch,
+    }
+    batching = (
+        f"batches up to {max_batch}, window {window:g} ms" if max_batch > 1 else "no batching"
+    )
+    print(
+        f"twotower serve: http://{args.host}:{args.port}/ ({workers} worker(s), {batching})",
+        file=sys.stderr,
+    )
+    if workers == 1:
+        app = create_app(
+            cfg["artifacts"],
+            cfg["compare"],
+            cfg["reviews"],
+            batch_window_ms=window,
+            max_batch=max_batch,
+        )
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        return 0
+    create_app(cfg["artifacts"], cfg["compare"], cfg["reviews"], max_batch=1)  # fail here, early
+    os.environ[ENV_CONFIG] = json.dumps(cfg)
+    uvicorn.run(
+        "twotower.serve.app:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=workers,
+        log_level="info",
+    )
     return 0

@@ -31,6 +31,9 @@ class RetrieverLike(Protocol):
     def similar_tracks(self, track_id: str, k: int = 10) -> Any:
         """Top-k tracks closest to one track."""
 
+    # optional: ``recommend_batch(histories, k, exclude, contexts)`` (a list of results);
+    # without it the service's batcher calls ``recommend`` once per request
+
 
 class Track(BaseModel):
     """A catalogue track (title and artist empty when unknown)."""
@@ -68,6 +71,13 @@ class Catalogue:
         self.ids: np.ndarray = cols["track_id"]
         self.titles: np.ndarray = cols["title"]
         self.artists: np.ndarray = cols["artist"]
+        #: training play count per row, or None when the export recorded none
+        self.plays: np.ndarray | None = None
+        if "plays" in items.columns:
+            plays = pd.to_numeric(items["plays"], errors="coerce").fillna(0)
+            self.plays = plays.to_numpy(np.float64).clip(min=0)
+        # most played first, catalogue order among equals (the cold-start list)
+        self._by_plays = np.argsort(-self.plays, kind="stable") if self.plays is not None else None
         if rows_of is None:
             index = {tid: i for i, tid in enumerate(self.ids)}
             rows_of = lambda ids: np.array([index.get(t, -1) for t in ids], dtype=np.int64)  # noqa: E731
@@ -82,12 +92,49 @@ class Catalogue:
     def __contains__(self, track_id: str) -> bool:
         return bool(self._rows_of([track_id])[0] >= 0)
 
+    def known(self, track_ids: list[str]) -> np.ndarray:
+        """``[n]`` bool: which ids the model knows (one vectorised lookup)."""
+        return self._rows_of(list(track_ids)) >= 0
+
     def track(self, track_id: str) -> Track:
         """Metadata of one id (empty title/artist when the id is not in the catalogue)."""
         i = int(self._rows_of([track_id])[0])
         if i < 0:
             return Track(track_id=track_id)
         return Track(track_id=track_id, title=self.titles[i], artist=self.artists[i])
+
+    def popular(self, k: int, exclude: list[str] | None = None) -> list[ScoredTrack]:
+        """The ``k`` most played tracks of training, for a query without a usable history.
+
+        The score is the track's share of all training plays. Tracks never played in
+        training (hashed exports: empty buckets) are left out, and so is ``exclude``.
+
+        Args:
+            k: How many tracks.
+            exclude: Track ids not to return (unknown ids are ignored).
+
+        Raises:
+            LookupError: The export recorded no play counts (``items.parquet`` has no plays).
+        """
+        if self.plays is None or self._by_plays is None:
+            raise LookupError("items.parquet records no play counts")
+        skip = set(self._rows_of(list(exclude)).tolist()) if exclude else set()
+        total = float(self.plays.sum()) or 1.0
+        out: list[ScoredTrack] = []
+        for r in self._by_plays:
+            if len(out) == k or self.plays[r] <= 0:
+                break
+            if int(r) in skip:
+                continue
+            out.append(
+                ScoredTrack(
+                    track_id=self.ids[r],
+                    title=self.titles[r],
+                    artist=self.artists[r],
+                    score=float(self.plays[r]) / total,
+                )
+            )
+        return out
 
     def search(self, q: str, limit: int) -> list[Track]:
         """Case-insensitive substring match on id, title or artist.

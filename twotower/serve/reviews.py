@@ -24,6 +24,7 @@ import math
 import random
 import sqlite3
 import threading
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -79,6 +80,38 @@ class Rating:
     model: str
     rating: str
     time: str
+
+
+def check_reviewer(name: str) -> str:
+    """A reviewer name, stripped; refused when it is empty or cannot be stored and shown safely.
+
+    Control characters (NUL, newlines, tabs, escape, C1 controls) and lone UTF-16 surrogates
+    (not valid Unicode: SQLite and every UTF-8 output would fail on them) are refused.
+
+    Args:
+        name: The name as received.
+
+    Returns:
+        The name without surrounding whitespace.
+
+    Raises:
+        ValueError: Empty, or naming the first refused character and its position.
+    """
+    for i, ch in enumerate(name):
+        cat = unicodedata.category(ch)
+        if cat == "Cs":
+            raise ValueError(
+                f"reviewer name has a lone surrogate U+{ord(ch):04X} at position {i} "
+                "(not valid Unicode)"
+            )
+        if cat == "Cc":
+            raise ValueError(
+                f"reviewer name has a control character U+{ord(ch):04X} at position {i}"
+            )
+    name = name.strip()
+    if not name:
+        raise ValueError("reviewer name must not be empty")
+    return name
 
 
 def pair_key(model_a: str, model_b: str) -> str:
@@ -202,7 +235,7 @@ class ReviewStore:
         """Store (or replace) one rating.
 
         Args:
-            reviewer: Reviewer name (non-empty).
+            reviewer: Reviewer name (see :func:`check_reviewer`).
             item: Reviewed item (held-out listener id).
             list_name: ``"A"`` or ``"B"``.
             position: 0-based rank within the list.
@@ -210,8 +243,7 @@ class ReviewStore:
             model: Label of the model behind the list (hidden from the reviewer).
             rating: ``good``, ``okay`` or ``wtf``.
         """
-        if not reviewer.strip():
-            raise ValueError("reviewer name must not be empty")
+        reviewer = check_reviewer(reviewer)
         if list_name not in LISTS:
             raise ValueError(f"list must be one of {LISTS}, got {list_name!r}")
         if rating not in RATINGS:
@@ -223,7 +255,7 @@ class ReviewStore:
             con.execute(
                 _UPSERT,
                 (
-                    reviewer.strip(),
+                    reviewer,
                     str(item),
                     list_name,
                     int(position),
