@@ -118,7 +118,7 @@ def _one_stream(data: Path, mode: str, chunk: int, buckets: int) -> dict:
     """One measurement in this (fresh) process; returns time and peak RSS."""
     import torch  # noqa: F401  (imported by the streaming module anyway: counted in the baseline)
 
-    from twotower.data.hashing import HashVocab
+    from twotower.ids import HashVocab
     from twotower.data.streaming import stream_bucket_counts, stream_vocab
 
     base = _rss()
@@ -164,7 +164,7 @@ def _loader_pass(
     import torch
     from torch.utils.data import DataLoader
 
-    from twotower.data.hashing import HashVocab
+    from twotower.ids import HashVocab
     from twotower.data.streaming import ParquetStream
 
     torch.manual_seed(0)

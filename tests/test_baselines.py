@@ -22,7 +22,7 @@ from twotower.baselines import (
 )
 from twotower.data.prepared import EvalSet, ItemFeatures, PreparedData, Sequences
 from twotower.data.report import DataReport
-from twotower.data.vocab import Vocab
+from twotower.ids import Vocab
 
 
 # ------------------------------------------------------------------------------ builders

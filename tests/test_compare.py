@@ -23,6 +23,7 @@ from twotower.compare import (
     score_queries,
 )
 from twotower.metrics import MISS_RANK
+from twotower.query import QuerySpec
 
 
 # ------------------------------------------------------------------------------ hand-built
@@ -35,10 +36,11 @@ def _side(name: str, tracks: list[str], vectors: dict[str, list[float]], nxt: di
         [0, 0, *[row.get(nxt.get(t, ""), 0) for t in tracks]], dtype=torch.long
     )  # index -> index of its successor (0: none)
 
-    def encode(history, users, hours, contexts):
-        return padded[lut[history[:, -1]]]  # [Q, d]
+    def encode(query):
+        return padded[lut[query.history[:, -1]]]  # [Q, d]
 
-    return ModelSide(name, name, np.array(tracks, dtype=object), emb, encode, history_len=3)
+    tracks = np.array(tracks, dtype=object)
+    return ModelSide(name, name, tracks, emb, encode, QuerySpec(3, True, True, True))
 
 
 def _queries(histories: list[list[str]], targets: list[str], filter_seen=False) -> RawQueries:
@@ -155,11 +157,11 @@ def _rows_of(side: ModelSide, rows: np.ndarray, name: str) -> ModelSide:
     """
     lut = torch.from_numpy(np.concatenate([[0, 1], rows + 2]).astype(np.int64))
 
-    def encode(history, users, hours, contexts):
-        return side.encode(lut[history], users, hours, contexts)
+    def encode(query):
+        return side.tower(query.with_history(lut[query.history]))
 
     return ModelSide(
-        name, name, side.track_ids[rows], side.item_emb[rows], encode, side.history_len,
+        name, name, side.track_ids[rows], side.item_emb[rows], encode, side.spec,
         side.user_ids, side.context_ids,
     )  # fmt: skip
 

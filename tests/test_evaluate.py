@@ -16,10 +16,10 @@ from twotower.data.prepared import EvalSet
 from twotower.evaluate import (
     evaluate_model,
     evaluate_scorers,
-    left_padded,
     parse_ks,
 )
 from twotower.metrics import metrics_from_ranks, rank_from_scores
+from twotower.query import QuerySpec
 
 N_RING = 10
 
@@ -64,9 +64,9 @@ class FakeQueryTower(nn.Module):
         self.v = v
         self.seen_shapes: list[tuple[int, ...]] = []
 
-    def forward(self, history: Tensor, users=None, hours=None, contexts=None) -> Tensor:
-        self.seen_shapes.append(tuple(history.shape))
-        return nn.functional.one_hot(ring_next(history[:, -1]), self.v).float()
+    def forward(self, query) -> Tensor:
+        self.seen_shapes.append(tuple(query.history.shape))
+        return nn.functional.one_hot(ring_next(query.history[:, -1]), self.v).float()
 
 
 class FakeModule(nn.Module):
@@ -76,12 +76,13 @@ class FakeModule(nn.Module):
         self.item_tower = FakeItemTower(v)
 
 
-def test_left_padded() -> None:
+def test_scorer_builds_queries_through_the_query_contract() -> None:
     values = np.array([5, 6, 7, 8, 9, 2, 3])
     offsets = np.array([0, 5, 5, 7])
-    out = left_padded(values, offsets, slice(0, 3), 3)
-    assert out.tolist() == [[7, 8, 9], [0, 0, 0], [0, 2, 3]]
-    assert left_padded(values, offsets, slice(2, 3), 4).tolist() == [[0, 0, 2, 3]]
+    spec = QuerySpec(3, users=True)
+    q = spec.build(values, offsets, users=np.array([4, 0, 2]), rows=slice(1, 3))
+    assert q.history.tolist() == [[0, 0, 0], [0, 2, 3]]
+    assert q.users.tolist() == [0, 2] and q.hours is None and q.contexts is None
 
 
 def test_oracle_beats_baselines_with_a_paired_interval() -> None:

@@ -26,7 +26,7 @@ from twotower.data.schema import (
     conform_tracks,
     empty_tracks,
 )
-from twotower.data.vocab import OOV
+from twotower.ids import OOV
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from test_stream_module import write_plays
 
-from twotower.data.hashing import HashVocab
+from twotower.evaluate import write_split_recommendations
 from twotower.export import (
     HASHED_FORMAT_VERSION,
     ArtifactError,
@@ -27,7 +27,8 @@ from twotower.export import (
     is_streaming_checkpoint,
     read_manifest,
 )
-from twotower.retrieve import Retriever, write_split_recommendations
+from twotower.ids import HashVocab
+from twotower.retrieve import Retriever
 
 REPO = Path(__file__).resolve().parents[1]
 ALBUMS, TRACKS, PLAYS = 6, 8, 24

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from twotower.data.hashing import (
+from twotower.ids import (
     HashVocab,
     expected_collision_rate,
     expected_occupied,
@@ -34,7 +34,7 @@ from twotower.data.streaming import (
     stream_counts,
     stream_vocab,
 )
-from twotower.data.vocab import Vocab
+from twotower.ids import Vocab
 
 # Three files with uneven row groups (sizes chosen so that shard cuts fall inside row groups).
 FILE_ROWS = (("a.parquet", 1000, 128), ("b.parquet", 337, 50), ("sub/c.parquet", 1500, 999))
@@ -207,7 +207,7 @@ def test_hash_vocab_lookup_semantics() -> None:
 def test_hash_is_stable_across_processes() -> None:
     """Not Python's salted hash(): two interpreters with different hash seeds agree."""
     code = (
-        "from twotower.data.hashing import hash_buckets;"
+        "from twotower.ids import hash_buckets;"
         "print(hash_buckets(['track_1', 'ä€😀', '42'], 1000003).tolist())"
     )
     outs = set()

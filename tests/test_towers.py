@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from twotower.model.towers import ENCODERS, ItemTower, QueryTower
+from twotower.onnx_export import OnnxQuery
+from twotower.query import QueryBatch
 
 V = 30
 
@@ -45,8 +47,8 @@ def test_padding_invariance(encoder):
     users = torch.tensor([2, 3, 4])
     hours = torch.tensor([7, -1, 23])
     ctx = torch.tensor([1, 2, 3])
-    a = tower(_left_pad(seqs, 6), users, hours, ctx)
-    b = tower(_left_pad(seqs, 12), users, hours, ctx)
+    a = tower(QueryBatch(_left_pad(seqs, 6), users, hours, ctx))
+    b = tower(QueryBatch(_left_pad(seqs, 12), users, hours, ctx))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     # every position of the sequence view too (real positions only)
     sa = tower.forward_sequence(_left_pad(seqs, 6))[1]  # [6, d]
@@ -83,9 +85,9 @@ def test_longer_history_than_max_len_uses_most_recent():
 def test_side_inputs_change_the_query():
     tower = _tower("gru", num_users=5, use_hour=True, num_contexts=4)
     hist = _left_pad([[5, 6, 7]] * 2, 4)
-    q_users = tower(hist, torch.tensor([2, 3]))
+    q_users = tower(QueryBatch(hist, torch.tensor([2, 3])))
     assert not torch.allclose(q_users[0], q_users[1])
-    q_hours = tower(hist, torch.tensor([2, 2]), torch.tensor([3, 15]))
+    q_hours = tower(QueryBatch(hist, torch.tensor([2, 2]), torch.tensor([3, 15])))
     assert not torch.allclose(q_hours[0], q_hours[1])
 
 
@@ -102,7 +104,8 @@ def test_standalone_load_from_state_dict(encoder):
     clone = QueryTower(**config).eval()
     clone.load_state_dict(state)
     hist = _left_pad([[5, 6, 7], [8]], 6)
-    torch.testing.assert_close(clone(hist, torch.tensor([1, 2])), tower(hist, torch.tensor([1, 2])))
+    query = QueryBatch(hist, torch.tensor([1, 2]))
+    torch.testing.assert_close(clone(query), tower(query))
 
 
 def _features(v: int) -> SimpleNamespace:
@@ -178,7 +181,7 @@ def test_query_tower_exports_to_onnx_with_dynamic_batch_and_length(encoder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            tower,
+            OnnxQuery(tower, names).eval(),
             example,
             buf,
             input_names=names,
@@ -190,7 +193,8 @@ def test_query_tower_exports_to_onnx_with_dynamic_batch_and_length(encoder):
     inputs = (_left_pad([[5], [6, 7, 8, 9], [10, 11, 12]], 9), torch.tensor([0, 1, 4]))
     inputs = (*inputs, torch.tensor([0, 12, -1]), torch.tensor([3, 0, 1]))
     got = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
-    np.testing.assert_allclose(got, tower(*inputs).detach().numpy(), atol=1e-5)
+    want = tower(QueryBatch(*inputs)).detach().numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_recency_bias_is_causal_padding_invariant_and_favours_recent_events():

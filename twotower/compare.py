@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from twotower.metrics import bootstrap_cis, paired_diff, per_query_metrics
+from twotower.query import QueryBatch, QuerySpec
 
 log = logging.getLogger("twotower")
 
@@ -39,7 +40,7 @@ PAD_ID = "\x00pad"
 OOV_ID = "\x00oov"
 CURVE_MAX_K = 100
 
-Encoder = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+QueryEncoder = Callable[[QueryBatch], Tensor]  # a query tower: QueryBatch -> [Q, d]
 
 
 # ------------------------------------------------------------------------------ queries
@@ -145,25 +146,27 @@ class ModelSide:
         source: The path it was loaded from.
         track_ids: Raw track id per catalogue row ``[N]`` (row i = vocabulary index i + 2).
         item_emb: Item vectors ``[N, d]``.
-        encode: ``encode(history [Q, L], users [Q], hours [Q], contexts [Q]) -> [Q, d]`` on
-            vocabulary indices (0 pad, 1 OOV).
-        history_len: History events the encoder sees.
+        tower: The query tower, ``tower(QueryBatch) -> [Q, d]`` on vocabulary indices.
+        spec: What the tower reads (history length, context fields): the query contract.
         user_ids: Raw listener ids in vocabulary order (index i + 2).
         context_ids: Raw context types in vocabulary order.
         data_config: The data configuration it was trained on (DataConfig fields), if known.
         fingerprint: Fingerprint of its training data, if known.
+        rows_of: Raw track ids -> catalogue rows (-1 unknown), where the model's vocabulary
+            is more than the list of ``track_ids`` (an artifact's hashed vocabulary).
     """
 
     name: str
     source: str
     track_ids: np.ndarray
     item_emb: Tensor
-    encode: Encoder
-    history_len: int
+    tower: QueryEncoder
+    spec: QuerySpec
     user_ids: list[str] = field(default_factory=list)
     context_ids: list[str] = field(default_factory=list)
     data_config: dict[str, Any] | None = None
     fingerprint: str | None = None
+    rows_of: Callable[[list[str]], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.track_index = pd.Index(np.asarray(self.track_ids, dtype=object).astype(str))
@@ -175,43 +178,55 @@ class ModelSide:
         """Catalogue size."""
         return len(self.track_ids)
 
+    def track_indices(self, raw: np.ndarray) -> np.ndarray:
+        """Vocabulary indices (row + 2) of raw track ids; unknown -> OOV, ``PAD_ID`` -> pad."""
+        if self.rows_of is None:
+            return index_of(raw, self.track_index)
+        raw = np.asarray(raw, dtype=object)
+        rows = self.rows_of([str(r) for r in raw]) if len(raw) else np.zeros(0, np.int64)
+        out = np.where(rows < 0, 1, rows + 2).astype(np.int64)
+        out[raw == PAD_ID] = 0
+        out[raw == OOV_ID] = 1
+        return out
 
-def _tower_encoder(tower: torch.nn.Module) -> Encoder:
+
+def _eval_tower(tower: torch.nn.Module) -> QueryEncoder:
     tower.eval()
 
     @torch.no_grad()
-    def encode(history: Tensor, users: Tensor, hours: Tensor, contexts: Tensor) -> Tensor:
-        return tower(history, users=users, hours=hours, contexts=contexts).float()  # [Q, d]
+    def encode(query: QueryBatch) -> Tensor:
+        return tower(query).float()  # [Q, d]
 
     return encode
 
 
 def side_from_artifact(path: str | Path, name: str | None = None) -> ModelSide:
-    """A :class:`ModelSide` from an artifact folder (checksums verified)."""
-    from twotower.artifact import load_query_tower, verify_artifact
+    """A :class:`ModelSide` from an artifact folder, read by the :class:`Retriever`.
+
+    Checksums are verified, and raw ids map to rows as the service maps them (hashed
+    vocabularies included).
+    """
+    from twotower.retrieve import Retriever
 
     path = Path(path)
-    manifest = verify_artifact(path)
-    items = pd.read_parquet(path / "items.parquet", columns=["track_id"])
-    emb = np.load(path / "item_embeddings.npy", allow_pickle=False).astype(np.float32)
-    vocab = json.loads((path / "vocab.json").read_text())
+    r = Retriever.load(path, mmap=False)
 
     def ordered(d: dict[str, int]) -> list[str]:
         return sorted(d, key=d.__getitem__)
 
-    tower = load_query_tower(path, manifest)
-    data = manifest.get("data") or {}
+    data = r.manifest.get("data") or {}
     return ModelSide(
         name=name or _default_name(path),
         source=str(path),
-        track_ids=items["track_id"].astype(str).to_numpy(object),
-        item_emb=torch.from_numpy(emb),
-        encode=_tower_encoder(tower),
-        history_len=int(manifest["query_tower"].get("history_len") or tower.max_len),
-        user_ids=ordered(vocab.get("users", {})),
-        context_ids=ordered(vocab.get("contexts", {})),
+        track_ids=r.ids,
+        item_emb=torch.from_numpy(np.asarray(r.item_emb, dtype=np.float32)),
+        tower=_eval_tower(r.query_tower),
+        spec=r.spec,
+        user_ids=ordered(r.user_index),
+        context_ids=ordered(r.context_index),
         data_config=data.get("datamodule"),
         fingerprint=data.get("fingerprint"),
+        rows_of=r.rows_of,
     )
 
 
@@ -241,9 +256,9 @@ def side_from_checkpoint(path: str | Path, name: str | None = None) -> ModelSide
         source=str(path),
         track_ids=np.asarray(info["item_vocab"], dtype=object),
         item_emb=item_emb,
-        encode=_tower_encoder(module.query_tower),
-        history_len=int(
-            min(dm.get("window", module.query_tower.max_len), module.query_tower.max_len)
+        tower=_eval_tower(module.query_tower),
+        spec=QuerySpec.from_config(
+            module.query_tower.config, dm.get("window", module.query_tower.max_len)
         ),
         user_ids=list(info.get("user_vocab", [])),
         context_ids=list(info.get("context_vocab", [])),
@@ -300,12 +315,6 @@ class SideResult:
     missing_targets: int
 
 
-def _left_pad(values: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
-    from twotower.data.datamodule import left_pad_last
-
-    return left_pad_last(values, offsets, length)
-
-
 def score_queries(
     side: ModelSide, queries: RawQueries, k: int = CURVE_MAX_K, chunk_size: int = 1024
 ) -> SideResult:
@@ -317,15 +326,17 @@ def score_queries(
     from twotower.metrics import rank_and_topk_from_scores
 
     n = len(queries)
-    hist_idx = index_of(queries.history, side.track_index)
-    history = torch.from_numpy(_left_pad(hist_idx, queries.offsets, side.history_len))  # [Q, L]
-    users = torch.from_numpy(index_of(queries.users, side.user_index))  # [Q]
-    hours = torch.from_numpy(np.asarray(queries.hours, dtype=np.int64))  # [Q]
-    contexts = torch.from_numpy(index_of(queries.contexts, side.context_index))  # [Q]
-    targets = index_of(queries.targets, side.track_index)  # [Q]
+    query = side.spec.build(
+        side.track_indices(queries.history),
+        queries.offsets,
+        users=index_of(queries.users, side.user_index),
+        hours=np.asarray(queries.hours, dtype=np.int64),
+        contexts=index_of(queries.contexts, side.context_index),
+    )  # the query contract: left-padded history + context, in the side's vocabulary
+    targets = side.track_indices(queries.targets)  # [Q]
     exclude = None
     if queries.filter_seen:
-        seen = index_of(queries.seen, side.track_index)
+        seen = side.track_indices(queries.seen)
         q_of = np.repeat(np.arange(n), np.diff(queries.seen_offsets))
         keep = seen >= 2
         exclude = (
@@ -335,7 +346,7 @@ def score_queries(
     item_t = torch.cat([side.item_emb.new_zeros(2, side.item_emb.shape[1]), side.item_emb]).T
 
     def score_fn(rows: slice) -> Tensor:
-        query_emb = side.encode(history[rows], users[rows], hours[rows], contexts[rows])  # [b, d]
+        query_emb = side.tower(query[rows])  # [b, d]
         return query_emb @ item_t  # [b, N + 2]
 
     kk = min(k, side.num_tracks)

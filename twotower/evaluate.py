@@ -11,6 +11,7 @@ import argparse
 import inspect
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -31,6 +33,7 @@ from twotower.metrics import (
     per_query_metrics,
     rank_and_topk_from_scores,
 )
+from twotower.query import spec_of
 
 log = logging.getLogger("twotower")
 
@@ -51,29 +54,15 @@ class Scorer(Protocol):
 
 
 # ------------------------------------------------------------------------------ the model
-def left_padded(values: np.ndarray, offsets: np.ndarray, rows: slice, length: int) -> np.ndarray:
-    """The last ``length`` items of CSR rows ``rows``, left-padded with 0, ``[b, length]``."""
-    off = offsets[rows.start : rows.stop + 1].astype(np.int64)
-    b = len(off) - 1
-    take = np.minimum(np.diff(off), length)
-    out = np.zeros((b, length), dtype=np.int64)
-    q = np.repeat(np.arange(b), take)
-    starts = np.cumsum(take) - take
-    within = np.arange(int(take.sum())) - np.repeat(starts, take)  # 0..take-1
-    col = length - np.repeat(take, take) + within
-    src = np.repeat(off[1:] - take, take) + within
-    out[q, col] = values[src]
-    return out
-
-
 class EmbeddingScorer:
     """Scores = query vectors @ item vectors, for a trained two-tower module.
 
     Item vectors are computed once; query vectors per chunk from the left-padded last
-    ``max_len`` history items (plus user, hour and context when the module uses them).
+    ``max_len`` history items (plus user, hour and context when the module uses them), built
+    by the query contract (:mod:`twotower.query`).
 
     Args:
-        module: A ``TwoTowerModule``: ``query_tower(history, users, hours, contexts)`` and
+        module: A ``TwoTowerModule``: ``query_tower(QueryBatch)`` and
             ``item_embeddings()`` (or an ``item_tower`` with an ``id_embedding``).
         name: Row name in the table.
         device: Where to run (None: CUDA when available, else CPU).
@@ -94,7 +83,7 @@ class EmbeddingScorer:
         self.query_tower = module.query_tower
         self.item_emb = self._item_embeddings()  # [V, d]
         self.num_items = int(self.item_emb.shape[0])
-        self.max_len = int(getattr(self.query_tower, "max_len", 50))
+        self.spec = spec_of(self.query_tower)
 
     @torch.no_grad()
     def _item_embeddings(self, batch: int = 65536) -> Tensor:
@@ -111,12 +100,8 @@ class EmbeddingScorer:
     @torch.no_grad()
     def query_embeddings(self, eval_set: EvalSet, rows: slice) -> Tensor:
         """Query vectors ``[b, d]`` of queries ``rows``."""
-        hist = left_padded(eval_set.history, eval_set.offsets, rows, self.max_len)
-        history = torch.from_numpy(hist).to(self.device)  # [b, L]
-        users = torch.from_numpy(eval_set.users[rows].astype(np.int64)).to(self.device)  # [b]
-        hours = torch.from_numpy(eval_set.hours[rows].astype(np.int64)).to(self.device)  # [b]
-        contexts = torch.from_numpy(eval_set.contexts[rows].astype(np.int64)).to(self.device)
-        return self.query_tower(history, users=users, hours=hours, contexts=contexts).float()
+        query = self.spec.build_from(eval_set, rows).to(self.device)
+        return self.query_tower(query).float()  # [b, d]
 
     def score(self, eval_set: EvalSet, rows: slice) -> Tensor:
         """Dot products of the chunk's query vectors with every item vector, ``[b, V]``."""
@@ -601,4 +586,91 @@ def evaluate_main(args: argparse.Namespace) -> int:
     print(table.to_markdown())
     if args.json:
         Path(args.json).write_text(table.to_json())
+    return 0
+
+
+# ----------------------------------------------------------------- split-wide recommendations
+def write_split_recommendations(
+    retriever: Any, out: str | Path, k: int = 10, split: str = "test"
+) -> int:
+    """Top-``k`` of every query of a split (rebuilt from the export's data) to Parquet.
+
+    Batch evaluation over an artifact: ``retriever`` is a :class:`twotower.retrieve.Retriever`.
+
+    Columns: query (row of the split), user_id, target, rank, track_id, score.
+
+    Returns:
+        The number of queries.
+
+    Raises:
+        ArtifactError: The export does not record its data, or the data changed since.
+    """
+    from twotower.artifact import STREAMING_DATAMODULE, ArtifactError
+    from twotower.data.pipeline import DataConfig, prepare_data
+
+    data_info = retriever.manifest.get("data") or {}
+    dm_hp = data_info.get("datamodule")
+    if not dm_hp:
+        raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
+    if data_info.get("datamodule_class") == STREAMING_DATAMODULE:
+        raise ArtifactError(
+            f"{retriever.path}: split recommendations are not supported for a model trained "
+            "from a stream (use holdout.parquet, or Retriever.recommend_batch on your queries)"
+        )
+    fields = DataConfig.__dataclass_fields__
+    data = prepare_data(DataConfig(**{k_: v for k_, v in dm_hp.items() if k_ in fields}))
+    if data.fingerprint != data_info.get("fingerprint"):
+        raise ArtifactError(
+            f"{retriever.path}: the data changed since export (fingerprint "
+            f"{data.fingerprint[:12]} != {str(data_info.get('fingerprint'))[:12]})"
+        )
+    ev = getattr(data, split)
+    query = retriever.spec.build_from(ev)  # the query contract, as the service builds it
+    users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
+    targets = np.asarray(["<pad>", "<oov>", *data.item_vocab.ids], dtype=object)
+    query_of, ranks, rows_all, scores_all = [], [], [], []
+    for s in range(0, len(query), 4096):
+        with torch.inference_mode():
+            q = retriever.query_tower(query[s : s + 4096]).float().numpy()  # [b, d]
+        excl = [np.zeros(0, dtype=np.int64)] * len(q)
+        if retriever.filter_seen:
+            excl = [
+                ev.seen[ev.seen_offsets[i] : ev.seen_offsets[i + 1]] - 2
+                for i in range(s, s + len(q))
+            ]
+        for j, (rows, scores) in enumerate(retriever._search(q, k, excl)):
+            query_of.append(np.full(len(rows), s + j, dtype=np.int64))
+            ranks.append(np.arange(1, len(rows) + 1, dtype=np.int64))
+            rows_all.append(rows)
+            scores_all.append(scores)
+    query = np.concatenate(query_of) if query_of else np.zeros(0, np.int64)
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+    table = pd.DataFrame(
+        {
+            "query": query,
+            "user_id": pd.Series(users[ev.users[query]], dtype="string"),
+            "target": pd.Series(targets[ev.targets[query]], dtype="string"),
+            "rank": np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
+            "track_id": pd.Series(retriever.ids[rows], dtype="string"),
+            "score": np.concatenate(scores_all).astype(np.float32)
+            if scores_all
+            else np.zeros(0, np.float32),
+        }
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out, index=False)
+    return len(query)
+
+
+def split_out_main(args: argparse.Namespace) -> int:
+    """``twotower recommend --split-out FILE``: every test query's top-k of an artifact."""
+    from twotower.artifact import ArtifactError
+    from twotower.retrieve import Retriever
+
+    try:
+        n = write_split_recommendations(Retriever.load(args.artifacts), args.split_out, k=args.k)
+    except ArtifactError as e:
+        print(f"twotower recommend: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote top-{args.k} of {n} test queries to {args.split_out}")
     return 0

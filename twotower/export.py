@@ -80,6 +80,7 @@ from twotower.index import (
 )
 from twotower.model.ensemble import bias_columns
 from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
+from twotower.query import QueryBatch, QuerySpec, left_pad_last
 
 log = logging.getLogger("twotower")
 
@@ -277,7 +278,12 @@ def write_artifact(
         "format_version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
-        "query_tower": {"class": cls, "args": config, "history_len": history_len},
+        # the query contract: every input's name, dtype, shape, padding and "unknown" value
+        "query_tower": {
+            "class": cls,
+            "args": config,
+            **QuerySpec.from_config(config, history_len).describe(),  # history_len too
+        },
         "dim": dim,
         "metric": metric,
         "num_items": len(tracks),
@@ -421,32 +427,14 @@ def _checkpoint_metrics(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def _query_vectors(
-    tower: nn.Module,
-    history: np.ndarray,
-    users: np.ndarray | None,
-    hours: np.ndarray | None,
-    contexts: np.ndarray | None,
-    device: torch.device,
-    batch_size: int,
+    tower: nn.Module, query: QueryBatch, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """Query vectors ``[Q, dim]`` of left-padded histories ``[Q, L]``, in batches."""
-    cfg = tower.config
-    out = []
-    side = {
-        "users": users if cfg.get("num_users", 0) > 0 else None,
-        "hours": hours if cfg.get("use_hour", False) else None,
-        "contexts": contexts if cfg.get("num_contexts", 0) > 0 else None,
-    }
-    for s in range(0, len(history), batch_size):
-        sl = slice(s, s + batch_size)
-        kw = {
-            k: None if a is None else torch.as_tensor(a[sl].astype(np.int64), device=device)
-            for k, a in side.items()
-        }
-        q = tower(torch.as_tensor(history[sl], device=device), **kw)  # [b, dim]
-        out.append(q.float().cpu().numpy())
-    dim = int(cfg["dim"])
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+    """Query vectors ``[Q, dim]`` of a :class:`~twotower.query.QueryBatch`, in batches."""
+    out = [
+        tower(query[s : s + batch_size].to(device)).float().cpu().numpy()  # [b, dim]
+        for s in range(0, len(query), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, int(tower.config["dim"])), np.float32)
 
 
 def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -456,8 +444,6 @@ def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarr
     example (the most recent one), else the positive events of their training sequences in
     time order. Returns the left-padded histories and a mask of users that have any event.
     """
-    from twotower.data.datamodule import left_pad_last
-
     n_users = data.num_users
     hist = np.zeros((n_users, window), dtype=np.int64)
     # training sequences: positive events, sorted by (user, timestamp)
@@ -641,7 +627,7 @@ def export_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from twotower.data.datamodule import SessionDataModule, left_pad_last
+    from twotower.data.datamodule import SessionDataModule
     from twotower.model.module import TwoTowerModule
 
     members = [str(checkpoint)] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -721,18 +707,19 @@ def export_checkpoint(
 
     va = data.valid
     keep = np.flatnonzero(np.diff(va.offsets) > 0)[:TUNE_QUERIES]
-    hist = left_pad_last(va.history, va.offsets, window)[keep]
-    valid_q = _query_vectors(
-        tower, hist, va.users[keep], va.hours[keep], va.contexts[keep], dev, batch_size
-    )
+    spec = QuerySpec.from_config(tower.config, window)
+    valid_q = _query_vectors(tower, spec.build_from(va)[torch.from_numpy(keep)], dev, batch_size)
 
     user_emb = None
     if users:
         if data.num_users <= 2:
             raise ValueError(f"{checkpoint}: --users, but the data has no listener ids")
-        uh, has_events = _latest_user_histories(data, window)
+        uh, has_events = _latest_user_histories(data, window)  # [U, window] left-padded
+        real = uh != 0
+        offsets = np.concatenate([[0], np.cumsum(real.sum(axis=1))])
         uids = np.arange(2, data.num_users)
-        user_emb = _query_vectors(tower, uh, uids, None, None, dev, batch_size)
+        user_q = spec.build(uh[real], offsets, users=uids)  # latest history, context unknown
+        user_emb = _query_vectors(tower, user_q, dev, batch_size)
         if not has_events.all():
             log.warning(
                 "%d listeners have no positive event: history-less query", (~has_events).sum()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from twotower.data.vocab import OOV, PAD
+from twotower.ids import OOV, PAD
 
 #: Rank given to pad/OOV targets: larger than any cut-off, so a miss everywhere.
 MISS_RANK: int = 2**62

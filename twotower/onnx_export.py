@@ -17,54 +17,43 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from twotower.artifact import ONNX_FILE, ArtifactError
+from twotower.query import QueryBatch, QuerySpec
 
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| on example queries
 
 
 # ---------------------------------------------------------------------------------- ONNX
-class _OnnxQuery(nn.Module):
-    """The query tower with exactly the inputs it uses (ONNX graphs take no optional inputs)."""
+class OnnxQuery(nn.Module):
+    """The query tower over positional tensors: exactly the inputs its :class:`QuerySpec` reads.
 
-    def __init__(self, tower: nn.Module, inputs: list[str]) -> None:
+    ONNX graphs take no optional inputs, so the graph's inputs are the spec's fields in order;
+    inside, they become the :class:`~twotower.query.QueryBatch` every tower takes.
+    """
+
+    def __init__(self, tower: nn.Module, names: list[str]) -> None:
         super().__init__()
         self.tower = tower
-        self.inputs = inputs
+        self.names = names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        kw = dict(zip(self.inputs, args, strict=True))
-        return self.tower(
-            kw["history"], kw.get("users"), kw.get("hours"), kw.get("contexts")
-        )  # [B, dim]
+        """Query vectors ``[B, dim]`` of the named inputs."""
+        return self.tower(QueryBatch(**dict(zip(self.names, args, strict=True))))  # [B, dim]
 
 
 def onnx_inputs(config: dict[str, Any]) -> list[str]:
     """Input names of the ONNX query tower for a QueryTower config."""
-    names = ["history"]
-    if config.get("num_users", 0) > 0:
-        names.append("users")
-    if config.get("use_hour", False):
-        names.append("hours")
-    if config.get("num_contexts", 0) > 0:
-        names.append("contexts")
-    return names
+    return QuerySpec.from_config(config).input_names
 
 
 def example_query_inputs(
     config: dict[str, Any], batch: int, length: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Random valid inputs (variable left padding) for parity checks."""
-    g = torch.Generator().manual_seed(seed)
-    history = torch.randint(2, config["num_items"], (batch, length), generator=g)
-    pad = torch.randint(0, length, (batch,), generator=g)  # [B] padding per row
-    history[torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)] = 0
-    out = {"history": history}
-    if config.get("num_users", 0) > 0:
-        out["users"] = torch.randint(0, config["num_users"], (batch,), generator=g)
-    if config.get("use_hour", False):
-        out["hours"] = torch.randint(-1, 24, (batch,), generator=g)
-    if config.get("num_contexts", 0) > 0:
-        out["contexts"] = torch.randint(0, config["num_contexts"], (batch,), generator=g)
-    return out
+    """Random valid inputs (variable left padding) for parity checks, by input name."""
+    spec = QuerySpec.from_config({**config, "max_len": length})
+    query = spec.example(
+        config["num_items"], config.get("num_users", 0), config.get("num_contexts", 0), batch, seed
+    )
+    return {name: getattr(query, name) for name in spec.input_names}
 
 
 class _PortableOps(TorchFunctionMode):
@@ -96,7 +85,7 @@ def export_onnx(tower: nn.Module, path: Path, history_len: int) -> dict[str, Any
     was_training = tower.training
     tower.eval()
     inputs = onnx_inputs(tower.config)
-    wrapper = _OnnxQuery(tower, inputs).eval()
+    wrapper = OnnxQuery(tower, inputs).eval()
     example = example_query_inputs(tower.config, 4, history_len)
     dynamic = {name: {0: "batch"} for name in inputs}
     dynamic["history"] = {0: "batch", 1: "length"}

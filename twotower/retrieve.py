@@ -30,17 +30,16 @@ import torch
 from torch import nn
 
 from twotower.artifact import (
-    STREAMING_DATAMODULE,
     ArtifactError,
     load_query_tower,
     read_manifest,
     verify_artifact,
 )
-from twotower.data.hashing import HashVocab
+from twotower.ids import HashVocab
 from twotower.index import check_index, load_index, set_search_param
 from twotower.model.ensemble import bias_columns
+from twotower.query import NUM_HOURS, UNKNOWN_HOUR, QueryBatch, QuerySpec
 
-NUM_HOURS = 24
 Exclude = list[str] | str | None
 
 
@@ -87,13 +86,25 @@ class Recommendations:
         )
 
     def format(self) -> str:
-        """A plain table: rank, track id, title, artist, score."""
-        lines = [f"{'rank':>4}  {'track_id':<16} {'title':<32} {'artist':<24} {'score':>7}"]
-        for r, (i, t, a, s) in enumerate(
-            zip(self.ids, self.titles, self.artists, self.scores, strict=True), 1
-        ):
-            lines.append(f"{r:>4}  {i:<16} {t[:32]:<32} {a[:24]:<24} {s:>7.4f}")
-        return "\n".join(lines)
+        """A plain table: rank, track id, title, artist, score, columns sized to the data.
+
+        Ids are printed whole (a 36-character MBID or a long ``name:`` key can be pasted back
+        into ``--track``); titles and artists are cut at 48 and 32 characters.
+        """
+        from twotower.table import format_table
+
+        rows = [
+            (r, i, t, a, f"{s:.4f}")
+            for r, (i, t, a, s) in enumerate(
+                zip(self.ids, self.titles, self.artists, self.scores, strict=True), 1
+            )
+        ]
+        return format_table(
+            ("rank", "track_id", "title", "artist", "score"),
+            rows,
+            right=(True, False, False, False, True),
+            max_width=(None, None, 48, 32, None),
+        )
 
 
 class Retriever:
@@ -143,8 +154,8 @@ class Retriever:
         self.context_index = vocab.get("contexts", {})
         cfg = manifest["query_tower"]["args"]
         self.config = cfg
-        self.history_len = int(manifest["query_tower"].get("history_len") or cfg["max_len"])
-        self.history_len = min(self.history_len, int(cfg["max_len"]))
+        self.spec = QuerySpec.from_config(cfg, manifest["query_tower"].get("history_len"))
+        self.history_len = self.spec.history_len
         self.filter_seen = bool((manifest.get("data") or {}).get("filter_seen", False))
         # coordinates that hold a learned item bias (popularity), not taste (item_bias models)
         self.bias_columns = bias_columns(cfg)
@@ -178,7 +189,10 @@ class Retriever:
 
     @classmethod
     def _load(cls, path: Path, manifest: dict[str, Any], mmap: bool) -> Retriever:
-        index = load_index(path / "index.faiss")
+        try:
+            index = load_index(path / "index.faiss")
+        except (OSError, ValueError) as e:  # a damaged index names itself, not the manifest
+            raise ArtifactError(f"{path / 'index.faiss'}: unreadable FAISS index ({e})") from e
         num_items, dim = int(manifest["num_items"]), int(manifest["dim"])
         tower_dim = manifest["query_tower"]["args"].get("dim")
         if tower_dim != dim:
@@ -244,11 +258,11 @@ class Retriever:
     # ------------------------------------------------------------------ queries
     def _query_inputs(
         self, histories: list[list[str]], contexts: list[dict | None]
-    ) -> tuple[dict[str, torch.Tensor], list[list[str]], list[list[str]], list[np.ndarray]]:
-        """Tensors for the query tower plus unknown ids, notes and known rows per query."""
+    ) -> tuple[QueryBatch, list[list[str]], list[list[str]], list[np.ndarray]]:
+        """The QueryBatch of raw histories plus unknown ids, notes and known rows per query."""
         n = len(histories)
         users = np.zeros(n, dtype=np.int64)
-        hours = np.full(n, -1, dtype=np.int64)
+        hours = np.full(n, UNKNOWN_HOUR, dtype=np.int64)
         ctx = np.zeros(n, dtype=np.int64)
         unknown, notes, known_rows = [], [], []
         for q, (hist, c) in enumerate(zip(histories, contexts, strict=True)):
@@ -260,22 +274,12 @@ class Retriever:
             if c:
                 users[q], hours[q], ctx[q] = self._context(c, note)
             notes.append(note)
-        # Left-pad only to the longest history of the batch: the encoders are invariant to
-        # leading padding, and a 20-event history then costs 20 positions, not history_len.
-        length = max(1, min(self.history_len, max((len(r) for r in known_rows), default=1)))
-        history = np.zeros((n, length), dtype=np.int64)
-        for q, rows in enumerate(known_rows):
-            take = rows[-length:] + 2  # item index = row + 2
-            if len(take):
-                history[q, length - len(take) :] = take
-        inputs = {"history": torch.from_numpy(history)}
-        if self.config.get("num_users", 0) > 0:
-            inputs["users"] = torch.from_numpy(users)
-        if self.config.get("use_hour", False):
-            inputs["hours"] = torch.from_numpy(hours)
-        if self.config.get("num_contexts", 0) > 0:
-            inputs["contexts"] = torch.from_numpy(ctx)
-        return inputs, unknown, notes, known_rows
+        lengths = np.fromiter((len(r) for r in known_rows), np.int64, n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        values = np.concatenate([*known_rows, np.zeros(0, np.int64)]) + 2  # item index = row + 2
+        # padded only to the longest history of the batch: a 20-event history costs 20 positions
+        query = self.spec.build(values, offsets, users, hours, ctx, trim=True)
+        return query, unknown, notes, known_rows
 
     def _context(self, c: dict, notes: list[str]) -> tuple[int, int, int]:
         """(user index, hour, context index) of a context dict; unusable values noted."""
@@ -313,8 +317,8 @@ class Retriever:
     ) -> np.ndarray:
         """Query vectors ``[Q, d]`` of histories (unknown ids left out)."""
         contexts = contexts or [None] * len(histories)
-        inputs, _, _, _ = self._query_inputs(histories, contexts)
-        return self.query_tower(**inputs).float().numpy()  # [Q, d]
+        query, _, _, _ = self._query_inputs(histories, contexts)
+        return self.query_tower(query).float().numpy()  # [Q, d]
 
     def _search(
         self, query_emb: np.ndarray, k: int, exclude_rows: list[np.ndarray]
@@ -385,9 +389,9 @@ class Retriever:
         results: list[Recommendations] = []
         for s in range(0, len(histories), batch_size):
             hs, cs = histories[s : s + batch_size], contexts[s : s + batch_size]
-            inputs, unknown, notes, known = self._query_inputs(hs, cs)
+            query, unknown, notes, known = self._query_inputs(hs, cs)
             with torch.inference_mode():
-                query_emb = self.query_tower(**inputs).float().numpy()  # [b, d]
+                query_emb = self.query_tower(query).float().numpy()  # [b, d]
             excl = []
             for j in range(len(hs)):
                 e = exclude[s + j] if per_query else exclude
@@ -452,6 +456,36 @@ def _text(items: pd.DataFrame, col: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- CLI
+def history_of(args: argparse.Namespace) -> list[str]:
+    """The listening history of ``twotower recommend``, oldest first.
+
+    From, in this order: ``--history-file`` (one id per line, blank lines skipped),
+    ``--history-json`` (a JSON list of ids), every ``--track ID`` and ``--history a,b,c``
+    (comma-separated: only for ids without commas).
+
+    Raises:
+        ValueError: ``--history-json`` is not a JSON list of strings.
+    """
+    out: list[str] = []
+    path = getattr(args, "history_file", None)
+    if path:
+        text = Path(path).read_text(encoding="utf-8")
+        out += [line.strip() for line in text.splitlines() if line.strip()]
+    raw = getattr(args, "history_json", None)
+    if raw:
+        try:
+            ids = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--history-json: not JSON ({e})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
+            raise ValueError('--history-json expects a JSON list of ids, e.g. \'["a,b", "c"]\'')
+        out += [str(i) for i in ids]
+    out += [str(t) for t in (getattr(args, "tracks", None) or [])]
+    comma = getattr(args, "history", "") or ""
+    out += [h.strip() for h in comma.split(",") if h.strip()]
+    return out
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """``twotower recommend`` and ``twotower similar`` (see ``twotower/cli.py``)."""
     try:
@@ -461,11 +495,7 @@ def cli_main(args: argparse.Namespace) -> int:
             print(f"tracks similar to {args.track}:")
             print(rec.format())
             return 0
-        if getattr(args, "split_out", None):
-            n = write_split_recommendations(retriever, args.split_out, k=args.k)
-            print(f"wrote top-{args.k} of {n} test queries to {args.split_out}")
-            return 0
-        history = [h.strip() for h in args.history.split(",") if h.strip()]
+        history = history_of(args)
         exclude = "history" if retriever.filter_seen else None
         rec = retriever.recommend(history, k=args.k, exclude=exclude)
     except (KeyError, ArtifactError) as e:
@@ -479,82 +509,3 @@ def cli_main(args: argparse.Namespace) -> int:
         )
     print(rec.format())
     return 0
-
-
-def write_split_recommendations(
-    retriever: Retriever, out: str | Path, k: int = 10, split: str = "test"
-) -> int:
-    """Top-``k`` of every query of a split (rebuilt from the export's data) to Parquet.
-
-    Columns: query (row of the split), user_id, target, rank, track_id, score.
-
-    Returns:
-        The number of queries.
-
-    Raises:
-        ArtifactError: The export does not record its data, or the data changed since.
-    """
-    from twotower.data.datamodule import left_pad_last
-    from twotower.data.pipeline import DataConfig, prepare_data
-
-    data_info = retriever.manifest.get("data") or {}
-    dm_hp = data_info.get("datamodule")
-    if not dm_hp:
-        raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
-    if data_info.get("datamodule_class") == STREAMING_DATAMODULE:
-        raise ArtifactError(
-            f"{retriever.path}: split recommendations are not supported for a model trained "
-            "from a stream (use holdout.parquet, or Retriever.recommend_batch on your queries)"
-        )
-    fields = DataConfig.__dataclass_fields__
-    data = prepare_data(DataConfig(**{k_: v for k_, v in dm_hp.items() if k_ in fields}))
-    if data.fingerprint != data_info.get("fingerprint"):
-        raise ArtifactError(
-            f"{retriever.path}: the data changed since export (fingerprint "
-            f"{data.fingerprint[:12]} != {str(data_info.get('fingerprint'))[:12]})"
-        )
-    ev = getattr(data, split)
-    hist = left_pad_last(ev.history, ev.offsets, retriever.history_len)  # [Q, L]
-    cfg = retriever.config
-    inputs = {"history": torch.from_numpy(hist)}
-    if cfg.get("num_users", 0) > 0:
-        inputs["users"] = torch.from_numpy(ev.users.astype(np.int64))
-    if cfg.get("use_hour", False):
-        inputs["hours"] = torch.from_numpy(ev.hours.astype(np.int64))
-    if cfg.get("num_contexts", 0) > 0:
-        inputs["contexts"] = torch.from_numpy(ev.contexts.astype(np.int64))
-    users = np.asarray(["", "", *data.user_vocab.ids], dtype=object)
-    targets = np.asarray(["<pad>", "<oov>", *data.item_vocab.ids], dtype=object)
-    query_of, ranks, rows_all, scores_all = [], [], [], []
-    for s in range(0, len(hist), 4096):
-        sl = slice(s, s + 4096)
-        with torch.inference_mode():
-            q = retriever.query_tower(**{n: t[sl] for n, t in inputs.items()}).float().numpy()
-        excl = [np.zeros(0, dtype=np.int64)] * len(q)
-        if retriever.filter_seen:
-            excl = [
-                ev.seen[ev.seen_offsets[i] : ev.seen_offsets[i + 1]] - 2
-                for i in range(s, s + len(q))
-            ]
-        for j, (rows, scores) in enumerate(retriever._search(q, k, excl)):
-            query_of.append(np.full(len(rows), s + j, dtype=np.int64))
-            ranks.append(np.arange(1, len(rows) + 1, dtype=np.int64))
-            rows_all.append(rows)
-            scores_all.append(scores)
-    query = np.concatenate(query_of) if query_of else np.zeros(0, np.int64)
-    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
-    table = pd.DataFrame(
-        {
-            "query": query,
-            "user_id": pd.Series(users[ev.users[query]], dtype="string"),
-            "target": pd.Series(targets[ev.targets[query]], dtype="string"),
-            "rank": np.concatenate(ranks) if ranks else np.zeros(0, np.int64),
-            "track_id": pd.Series(retriever.ids[rows], dtype="string"),
-            "score": np.concatenate(scores_all).astype(np.float32)
-            if scores_all
-            else np.zeros(0, np.float32),
-        }
-    )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out, index=False)
-    return len(hist)

@@ -24,21 +24,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from twotower.data.pipeline import DataConfig, prepare_data
 from twotower.data.prepared import EvalSet, PreparedData, Sequences
+from twotower.query import QuerySpec, left_pad_last  # noqa: F401  (left_pad_last: re-export)
 
 Batch = dict[str, Tensor]
-
-
-def left_pad_last(values: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
-    """The last ``length`` values of every CSR row, left-padded with 0, ``[R, length]``."""
-    lens = np.diff(offsets)
-    take = np.minimum(lens, length)
-    rows = np.repeat(np.arange(len(lens)), take)
-    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-    out = np.zeros((len(lens), length), dtype=values.dtype)
-    out[rows, length - np.repeat(take, take) + within] = values[
-        np.repeat(offsets[1:] - take, take) + within
-    ]
-    return out
 
 
 def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np.ndarray]:
@@ -230,10 +218,9 @@ class EvalDataset(Dataset):
     def __init__(self, eval_set: EvalSet, window: int, filter_seen: bool) -> None:
         self.eval_set = eval_set
         self.filter_seen = filter_seen
-        self.history = torch.from_numpy(left_pad_last(eval_set.history, eval_set.offsets, window))
-        self.users = torch.from_numpy(eval_set.users.astype(np.int64))
-        self.hours = torch.from_numpy(eval_set.hours.astype(np.int64))
-        self.contexts = torch.from_numpy(eval_set.contexts.astype(np.int64))
+        # the query contract's builder, with every context field (towers ignore unused ones)
+        spec = QuerySpec(window, users=True, hours=True, contexts=True)
+        self.queries = spec.build_from(eval_set)
         self.targets = torch.from_numpy(eval_set.targets.astype(np.int64))
 
     def __len__(self) -> int:
@@ -245,11 +232,12 @@ class EvalDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> Batch:
         rows = np.asarray(indices, dtype=np.int64)
         idx = torch.from_numpy(rows)
+        q = self.queries[idx]
         batch = {
-            "history": self.history[idx],
-            "users": self.users[idx],
-            "hours": self.hours[idx],
-            "contexts": self.contexts[idx],
+            "history": q.history,
+            "users": q.users,
+            "hours": q.hours,
+            "contexts": q.contexts,
             "targets": self.targets[idx],
             "rows": idx,
         }

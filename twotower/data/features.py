@@ -8,7 +8,7 @@ import pandas as pd
 from twotower.data.prepared import ItemFeatures
 from twotower.data.report import DataReport
 from twotower.data.schema import FEATURE_PREFIX
-from twotower.data.vocab import OOV_TOKEN, PAD_TOKEN, Vocab
+from twotower.ids import OOV_TOKEN, PAD_TOKEN, Vocab
 
 MAX_GENRES = 8
 YEAR_BASE = 1900

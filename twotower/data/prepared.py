@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from twotower.data.report import DataReport
-from twotower.data.vocab import Vocab
+from twotower.ids import Vocab
 
 CACHE_FORMAT = 1
 

@@ -23,7 +23,7 @@ A sequence is a listener's plays (``sequence_by="user"``) or a session of them
 **Setup pass** (:func:`~twotower.data.stream_scan.scan`, one streaming pass on every rank,
 deterministic): the item
 vocabulary of the training rows (exact, most frequent first, as ``Vocab.build``; or
-:class:`~twotower.data.hashing.HashVocab` with ``num_buckets``), the item counts of the
+:class:`~twotower.ids.HashVocab` with ``num_buckets``), the item counts of the
 training positives (logQ and popularity), the context-type vocabulary, the evaluation sample,
 and counts (rows, targets, sequences).
 
@@ -92,7 +92,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from twotower.data.datamodule import EvalDataset
-from twotower.data.hashing import HashVocab
+from twotower.ids import HashVocab
 from twotower.data.prepared import EvalSet, ItemFeatures
 from twotower.data.schema import DataError
 from twotower.data.stream_scan import (  # noqa: F401  (TRAIN.., holdout_roles: public API)
@@ -109,7 +109,7 @@ from twotower.data.streaming import (
     DEFAULT_CHUNK_ROWS,
     list_fragments,
 )
-from twotower.data.vocab import OOV_TOKEN, PAD_TOKEN, Vocab
+from twotower.ids import OOV_TOKEN, PAD_TOKEN, Vocab
 
 Batch = dict[str, Tensor]
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from twotower.data.datamodule import build_windows
-from twotower.data.hashing import HashVocab
+from twotower.ids import HashVocab
 from twotower.data.prepared import Sequences
 from twotower.data.schema import DataError
 from twotower.data.stream_scan import (
@@ -39,7 +39,7 @@ from twotower.data.streaming import (
     read_rows,
     shard_bounds,
 )
-from twotower.data.vocab import Vocab
+from twotower.ids import Vocab
 
 Batch = dict[str, Tensor]
 

@@ -12,7 +12,7 @@ Memory: a reader holds one decoded chunk (``chunk_rows`` rows of the selected co
 Arrow's read buffers of the row group being read, never the data set. Streaming preprocessing
 (:func:`stream_counts`, :func:`stream_vocab`, :func:`stream_bucket_counts`) keeps only running
 counts: of the distinct ids, or of a fixed number of hash buckets
-(:mod:`twotower.data.hashing`). ``bench/scale_bench.py`` measures peak RSS against chunk size.
+(:mod:`twotower.ids`). ``bench/scale_bench.py`` measures peak RSS against chunk size.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from twotower.data.hashing import HashVocab
+from twotower.ids import HashVocab
 from twotower.data.schema import DataError
-from twotower.data.vocab import Vocab
+from twotower.ids import Vocab
 
 DEFAULT_CHUNK_ROWS = 65_536
 ROW_KEY = "_row"
@@ -342,7 +342,7 @@ def stream_counts(path: str | Path, column: str, chunk_rows: int = DEFAULT_CHUNK
 
     Memory: the running counts (one row per distinct value, kept in Arrow) plus one chunk;
     never the column. Values are compared as strings (``str(id)``, as
-    :class:`~twotower.data.vocab.Vocab` does); missing values are not counted.
+    :class:`~twotower.ids.Vocab` does); missing values are not counted.
 
     Returns:
         Counts indexed by value (string), in no particular order.
@@ -393,7 +393,7 @@ class CountAccumulator:
 
 
 def vocab_from_counts(counts: pa.Table, min_count: int = 1) -> Vocab:
-    """A :class:`~twotower.data.vocab.Vocab` of a ``value``/``n`` count table.
+    """A :class:`~twotower.ids.Vocab` of a ``value``/``n`` count table.
 
     Most frequent first, ties by id (Arrow sorts UTF-8 bytes, which is code-point order like
     Python's): equal to ``Vocab.build`` of the counted column.
@@ -424,7 +424,7 @@ def _merge_counts(acc: pa.Table | None, pending: list[pa.Table]) -> pa.Table | N
 def stream_vocab(
     path: str | Path, column: str, min_count: int = 1, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> Vocab:
-    """The :class:`~twotower.data.vocab.Vocab` of ``column``, without loading the column.
+    """The :class:`~twotower.ids.Vocab` of ``column``, without loading the column.
 
     Equal to ``Vocab.build(whole_column, min_count)`` (most frequent first, ties by id; Arrow
     sorts UTF-8 bytes, which is code-point order like Python's).

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from twotower.model.towers import QueryTower
+from twotower.query import QueryBatch
 
 # Keys of every member's config that the ensemble repeats at the top level of its own config,
 # where the export, the ONNX writer and the Retriever read them for any query tower.
@@ -112,23 +113,15 @@ class EnsembleQueryTower(nn.Module):
         """Constructor arguments (JSON-serialisable), derived keys included."""
         return {**self._config, "members": [dict(m) for m in self._config["members"]]}
 
-    def forward(
-        self,
-        history: Tensor,
-        users: Tensor | None = None,
-        hours: Tensor | None = None,
-        contexts: Tensor | None = None,
-    ) -> Tensor:
+    def forward(self, query: QueryBatch | Tensor) -> Tensor:
         """Weighted member queries side by side, ``[B, sum of member dims]``.
 
         Args:
-            history: Left-padded item indices ``[B, L]``.
-            users: User indices ``[B]`` or None.
-            hours: Hour of day of the request ``[B]`` or None.
-            contexts: Context-type index of the request ``[B]`` or None.
+            query: The :class:`~twotower.query.QueryBatch` (or a bare ``[B, L]`` history).
         """
+        query = QueryBatch.of(query)
         parts = [
-            member(history, users, hours, contexts) * self.scale[k]  # [B, dim_k]
+            member(query) * self.scale[k]  # [B, dim_k]
             for k, member in enumerate(self.members)
         ]
         return torch.cat(parts, dim=-1)  # [B, dim]

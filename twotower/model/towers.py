@@ -10,7 +10,6 @@ Padding convention: histories are **left-padded** with item index 0; index 1 is 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENCODERS = ("mean", "gru", "transformer")
-NUM_HOURS = 24
+from twotower.model.encoders import ENCODERS, CausalSelfAttentionBlock  # noqa: F401
+from twotower.query import NUM_HOURS, UNKNOWN_HOUR, QueryBatch
+
+# parameter names the encoders kept on the tower before they were modules (old state dicts)
+_ENCODER_PARAMS = frozenset({"position_embedding", "blocks", "final_norm", "recency_slope", "gru"})
 
 
 def _hour_index(hours: Tensor) -> Tensor:
@@ -34,53 +36,6 @@ def _head(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
     return nn.Sequential(
         nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim)
     )
-
-
-class CausalSelfAttentionBlock(nn.Module):
-    """Pre-LN transformer block: ``x + MHA(LN(x))`` then ``x + FFN(LN(x))``.
-
-    Args:
-        d: Model width.
-        num_heads: Attention heads (``d`` must be divisible by it).
-        dropout: Dropout on the residual branches (none on the attention weights: on CPU it
-            forces the slow attention path and costs more than it helps).
-        ffn_mult: Feed-forward width as a multiple of ``d``.
-    """
-
-    def __init__(self, d: int, num_heads: int, dropout: float, ffn_mult: int = 4) -> None:
-        super().__init__()
-        if d % num_heads:
-            raise ValueError(f"id_dim={d} must be divisible by num_heads={num_heads}")
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln2 = nn.LayerNorm(d)
-        self.ffn = nn.Sequential(
-            nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d)
-        )
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        """Apply the block.
-
-        Args:
-            x: Inputs ``[B, L, d]``.
-            allowed: Boolean attention mask ``[B, 1, L, L]``, True where query ``i`` may attend
-                to key ``j``; or an additive float mask ``[B, H, L, L]`` (``-inf`` = blocked).
-
-        Returns:
-            ``[B, L, d]``.
-        """
-        b, length, d = x.shape
-        h = self.ln1(x)
-        q, k, v = self.qkv(h).view(b, length, 3, self.num_heads, d // self.num_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, d/H]
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [B, H, L, d/H]
-        att = att.transpose(1, 2).reshape(b, length, d)  # [B, L, d]
-        x = x + self.drop(self.proj(att))
-        return x + self.drop(self.ffn(self.ln2(x)))
 
 
 class QueryTower(nn.Module):
@@ -131,7 +86,7 @@ class QueryTower(nn.Module):
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
-            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+            raise ValueError(f"encoder must be one of {tuple(ENCODERS)}, got {encoder!r}")
         if num_items < 3:
             raise ValueError(f"num_items={num_items}: need pad, OOV and at least one item")
         self._config: dict[str, Any] = {
@@ -163,26 +118,15 @@ class QueryTower(nn.Module):
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
         self.input_dropout = nn.Dropout(dropout)
-        if encoder == "transformer":
-            self.position_embedding = nn.Embedding(max_len, id_dim)
-            nn.init.normal_(self.position_embedding.weight, std=id_dim**-0.5)
-            self.blocks = nn.ModuleList(
-                CausalSelfAttentionBlock(id_dim, num_heads, dropout, ffn_mult)
-                for _ in range(num_layers)
-            )
-            self.final_norm = nn.LayerNorm(id_dim)
-            self.recency_slope = None
-            if recency_bias:
-                slopes = [2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)]
-                self.recency_slope = nn.Parameter(torch.log(torch.tensor(slopes)))  # [H] log
-        elif encoder == "gru":
-            self.gru = nn.GRU(
-                id_dim,
-                id_dim,
-                num_layers=num_layers,
-                batch_first=True,
-                dropout=dropout if num_layers > 1 else 0.0,
-            )
+        self.sequence_encoder = ENCODERS[encoder](
+            id_dim=id_dim,
+            dropout=dropout,
+            max_len=max_len,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            ffn_mult=ffn_mult,
+            recency_bias=recency_bias,
+        )
         in_dim = id_dim
         self.user_embedding = None
         if num_users > 0:
@@ -203,6 +147,20 @@ class QueryTower(nn.Module):
         """Constructor arguments (JSON-serialisable): ``QueryTower(**tower.config)`` rebuilds it."""
         return dict(self._config)
 
+    @property
+    def recency_slope(self) -> nn.Parameter | None:
+        """The transformer's learned log recency slopes ``[H]`` (None without them)."""
+        return getattr(self.sequence_encoder, "recency_slope", None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kw: Any) -> None:
+        # checkpoints and exports before the encoders became modules kept the encoder's
+        # parameters on the tower itself (``blocks.0...``, ``gru...``): move them
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            name = key[len(prefix) :]
+            if name.split(".")[0] in _ENCODER_PARAMS:
+                state_dict[f"{prefix}sequence_encoder.{name}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
     # ------------------------------------------------------------------ sequence encoders
     def encode(self, items: Tensor) -> Tensor:
         """Causal encoder states: position ``t`` summarises events ``<= t``.
@@ -214,125 +172,66 @@ class QueryTower(nn.Module):
             ``[B, L, id_dim]``; zeros at pad positions (never used as queries).
         """
         real = items != 0  # [B, L]
-        x = self.item_embedding(items)  # [B, L, id_dim]
-        if self.encoder == "mean":
-            x = self.input_dropout(x)
-            total = x.cumsum(dim=1)  # [B, L, id_dim]
-            count = real.to(x.dtype).cumsum(dim=1).clamp(min=1).unsqueeze(-1)  # [B, L, 1]
-            states = total / count
-        elif self.encoder == "gru":
-            states = self._encode_gru(self.input_dropout(x), real)
-        else:
-            states = self._encode_transformer(x, real)
+        states = self.sequence_encoder(self.item_embedding(items), real)  # [B, L, id_dim]
         return states * real.unsqueeze(-1).to(states.dtype)
 
-    def _encode_transformer(self, x: Tensor, real: Tensor) -> Tensor:
-        length = x.shape[1]
-        if length > self.max_len:
-            raise ValueError(f"sequence length {length} > max_len {self.max_len}")
-        # Position 0 = first real event of the window: independent of the amount of padding.
-        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
-        x = x * math.sqrt(self.id_dim) + self.position_embedding(positions)  # [B, L, id_dim]
-        x = self.input_dropout(x) * real.unsqueeze(-1).to(x.dtype)
-        ar = torch.arange(length, device=x.device)
-        causal = ar.unsqueeze(1) >= ar.unsqueeze(0)  # [L, L] (no tril/eye: ONNX-friendly)
-        eye = ar.unsqueeze(1) == ar.unsqueeze(0)  # [L, L]
-        # Query i attends to real keys j <= i; a pad query attends to itself only (no NaN rows).
-        allowed = (causal & real.unsqueeze(1)) | eye  # [B, L, L]
-        mask: Tensor = allowed.unsqueeze(1)  # [B, 1, L, L]
-        if self.recency_slope is not None:
-            age = (ar.unsqueeze(1) - ar.unsqueeze(0)).clamp(min=0).to(x.dtype)  # [L, L] i - j
-            bias = -self.recency_slope.exp().to(x.dtype).view(-1, 1, 1) * age  # [H, L, L]
-            mask = bias.unsqueeze(0).masked_fill(~mask, float("-inf"))  # [B, H, L, L]
-        for block in self.blocks:
-            x = block(x, mask)  # [B, L, id_dim]
-        return self.final_norm(x)
-
-    def _encode_gru(self, x: Tensor, real: Tensor) -> Tensor:
-        # Move the real events to the front (right padding) so the GRU state at each real
-        # position has seen real events only; then move the outputs back.
-        length = x.shape[1]
-        pad = (~real).sum(dim=1, keepdim=True)  # [B, 1]
-        ar = torch.arange(length, device=x.device).unsqueeze(0)  # [1, L]
-        to_front = ((ar + pad) % length).unsqueeze(-1).expand(-1, -1, x.shape[2])  # [B, L, d]
-        out, _ = self.gru(x.gather(1, to_front))  # [B, L, id_dim]
-        back = ((ar - pad) % length).unsqueeze(-1).expand(-1, -1, out.shape[2])  # [B, L, d]
-        return out.gather(1, back)
-
     # ------------------------------------------------------------------ queries
-    def _combine(
-        self,
-        states: Tensor,
-        users: Tensor | None,
-        hours: Tensor | None,
-        contexts: Tensor | None,
-    ) -> Tensor:
+    def _combine(self, states: Tensor, query: QueryBatch) -> Tensor:
         """Concatenate encoder states ``[..., id_dim]`` with side inputs, project, normalise."""
         parts = [states]
         lead = states.shape[:-1]
         if self.user_embedding is not None:
+            users = query.users
             if users is None:
                 users = torch.zeros(lead[0], dtype=torch.long, device=states.device)
             u = self.user_embedding(users)  # [B, id_dim]
             parts.append(u.view(lead[0], *([1] * (len(lead) - 1)), -1).expand(*lead, -1))
         if self.hour_embedding is not None:
-            h = torch.full(lead, -1, device=states.device) if hours is None else hours
+            h = query.hours
+            h = torch.full(lead, UNKNOWN_HOUR, device=states.device) if h is None else h
             parts.append(self.hour_embedding(_hour_index(h).expand(lead)))
         if self.context_embedding is not None:
-            c = torch.zeros(lead, dtype=torch.long, device=states.device)
-            parts.append(self.context_embedding(c if contexts is None else contexts.expand(lead)))
+            c = query.contexts
+            c = torch.zeros(lead, dtype=torch.long, device=states.device) if c is None else c
+            parts.append(self.context_embedding(c.expand(lead)))
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else states
         query_emb = F.normalize(self.head(x), dim=-1)  # [..., dim or dim - 1]
         if self.item_bias:
             query_emb = F.pad(query_emb, (0, 1), value=1.0)  # [..., dim]: times the item bias
         return query_emb
 
-    def forward_sequence(
-        self,
-        items: Tensor,
-        users: Tensor | None = None,
-        hours: Tensor | None = None,
-        contexts: Tensor | None = None,
-    ) -> Tensor:
+    def forward_sequence(self, query: QueryBatch | Tensor) -> Tensor:
         """A query at every position (training): position ``t`` sees events ``<= t`` only.
 
         Args:
-            items: Left-padded item indices ``[B, L]``.
-            users: User indices ``[B]`` (0 = unknown) or None.
-            hours: Hour of day (``-1`` unknown) of the event to predict at each position,
-                ``[B, L]``, or None.
-            contexts: Context-type index of the event to predict, ``[B, L]``, or None.
+            query: History ``[B, L]`` with the listener ``[B]`` and, per position, the hour
+                and context type of the event it predicts (``[B, L]``); or a bare history.
 
         Returns:
             L2-normalised queries ``[B, L, dim]``.
         """
-        return self._combine(self.encode(items), users, hours, contexts)
+        query = QueryBatch.of(query)
+        return self._combine(self.encode(query.history), query)
 
-    def forward(
-        self,
-        history: Tensor,
-        users: Tensor | None = None,
-        hours: Tensor | None = None,
-        contexts: Tensor | None = None,
-    ) -> Tensor:
-        """The query for the next item after the last event of ``history``.
+    def forward(self, query: QueryBatch | Tensor) -> Tensor:
+        """The query for the next item after the last event of each history.
 
         Args:
-            history: Left-padded item indices ``[B, L]`` (longer than ``max_len``: the most
-                recent ``max_len`` are used).
-            users: User indices ``[B]`` or None.
-            hours: Hour of day of the request ``[B]`` (``-1`` unknown) or None.
-            contexts: Context-type index of the request ``[B]`` or None.
+            query: The :class:`~twotower.query.QueryBatch` (history ``[B, L]``, longer than
+                ``max_len``: the most recent ``max_len`` are used), or a bare history tensor
+                with every context unknown.
 
         Returns:
             L2-normalised queries ``[B, dim]``.
         """
+        query = QueryBatch.of(query)
+        history = query.history
         if history.shape[1] > self.max_len:
             history = history[:, -self.max_len :]
         if history.shape[1] == 0:
             history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
         states = self.encode(history)[:, -1]  # [B, id_dim]
-        return self._combine(states, users, hours, contexts)
+        return self._combine(states, query)
 
     # ------------------------------------------------------------------ unordered data (bags)
     def forward_bag(self, items: Tensor, keep: Tensor, users: Tensor | None = None) -> Tensor:
@@ -361,7 +260,7 @@ class QueryTower(nn.Module):
         x = self.input_dropout(self.item_embedding(items))  # [B, L, id_dim]
         total = (x * keep.unsqueeze(-1).to(x.dtype)).sum(dim=1)  # [B, id_dim]
         count = keep.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # [B, 1]
-        return self._combine(total / count, users, None, None)
+        return self._combine(total / count, QueryBatch(items, users=users))
 
 
 class ItemTower(nn.Module):

@@ -1,0 +1,313 @@
+"""The query contract: :class:`QueryBatch` and the one builder of query-tower inputs.
+
+Every place that turns listening histories into query-tower inputs goes through this module:
+training and validation batches, ``evaluate``, ``compare``, ``drift``, ``export`` (listener
+vectors), the :class:`~twotower.retrieve.Retriever`, the HTTP service and the ONNX encoder.
+
+A history is a list of item indices, oldest first, **left-padded** with 0 to a common length
+(index 1 means out of vocabulary). The request context travels beside it. Which fields a
+given tower reads, their dtypes, shapes and the value that means "unknown" are described by
+:class:`QuerySpec`, which the export writes into ``manifest.json`` so that a client holding only
+onnxruntime can call ``query_tower.onnx``.
+
+This module imports neither training-data code nor Lightning: serving uses it as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PAD = 0  # history padding, and "unknown" for every index field
+OOV = 1  # an id the vocabulary does not know
+UNKNOWN_HOUR = -1
+NUM_HOURS = 24
+
+
+@dataclass(frozen=True)
+class QueryField:
+    """One input of the query tower, as the manifest describes it.
+
+    Attributes:
+        name: Input name (``QueryBatch`` attribute and ONNX input).
+        dtype: NumPy dtype name.
+        shape: Axis names (``batch``, ``length``).
+        unknown: The value that means "unknown" (also the padding value of ``history``).
+        meaning: One line for people.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[str, ...]
+    unknown: int
+    meaning: str
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form for ``manifest.json``."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "unknown": self.unknown,
+            "meaning": self.meaning,
+        }
+        if self.name == "history":
+            out["padding"] = "left"
+            out["pad_value"] = PAD
+            out["oov_value"] = OOV
+        return out
+
+
+HISTORY = QueryField(
+    "history",
+    "int64",
+    ("batch", "length"),
+    PAD,
+    "item indices (vocab.json tracks) of the listening history, oldest first, most recent last, "
+    "LEFT-padded with 0; 1 = out of vocabulary; at most history_len are used (the most recent)",
+)
+USERS = QueryField(
+    "users", "int64", ("batch",), PAD, "listener index (vocab.json users); 0 = unknown listener"
+)
+HOURS = QueryField(
+    "hours", "int64", ("batch",), UNKNOWN_HOUR, "hour of day 0..23 of the request; -1 = unknown"
+)
+CONTEXTS = QueryField(
+    "contexts",
+    "int64",
+    ("batch",),
+    PAD,
+    "context-type index (vocab.json contexts) of the request; 0 = unknown",
+)
+FIELDS: tuple[QueryField, ...] = (HISTORY, USERS, HOURS, CONTEXTS)
+
+
+@dataclass
+class QueryBatch:
+    """Query-tower inputs for ``B`` queries (the query contract).
+
+    The context fields are ``[B]`` (one request per row) or, for training, ``[B, L]`` (the
+    context of the event each position predicts). ``None`` means "unknown for every row"; a
+    tower ignores the fields it was not built to read.
+
+    Attributes:
+        history: ``[B, L]`` int64, left-padded item indices (0 pad, 1 OOV).
+        users: ``[B]`` int64 listener index (0 unknown) or None.
+        hours: ``[B]`` or ``[B, L]`` int64 hour of day (-1 unknown) or None.
+        contexts: ``[B]`` or ``[B, L]`` int64 context-type index (0 unknown) or None.
+    """
+
+    history: Tensor
+    users: Tensor | None = None
+    hours: Tensor | None = None
+    contexts: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.history.shape[0])
+
+    def __getitem__(self, rows: slice | Tensor) -> QueryBatch:
+        """The queries ``rows`` (a slice or an index tensor)."""
+        return QueryBatch(*(None if t is None else t[rows] for t in self._tensors()))
+
+    def _tensors(self) -> tuple[Tensor | None, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    def to(self, device: torch.device | str) -> QueryBatch:
+        """The same batch on ``device``."""
+        return QueryBatch(*(None if t is None else t.to(device) for t in self._tensors()))
+
+    def with_history(self, history: Tensor) -> QueryBatch:
+        """The same context with another history (e.g. cut to the tower's ``max_len``)."""
+        return replace(self, history=history)
+
+    @classmethod
+    def of(cls, value: QueryBatch | Tensor) -> QueryBatch:
+        """A batch as is, or a bare ``[B, L]`` history tensor with every context unknown."""
+        return value if isinstance(value, QueryBatch) else cls(history=value)
+
+    @classmethod
+    def from_mapping(cls, batch: Mapping[str, Tensor]) -> QueryBatch:
+        """The query fields of a collated batch dict (other keys, e.g. targets, ignored)."""
+        return cls(**{f.name: batch.get(f.name) for f in FIELDS})
+
+    def numpy_inputs(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Named int64 arrays for an ONNX session (unknown fields filled with their value)."""
+        out = {}
+        for f in FIELDS:
+            if f.name not in names:
+                continue
+            t = getattr(self, f.name)
+            out[f.name] = (
+                np.full(len(self), f.unknown, np.int64)
+                if t is None
+                else t.cpu().numpy().astype(np.int64)
+            )
+        return out
+
+
+def left_pad_last(values: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
+    """The last ``length`` values of every CSR row, left-padded with 0, ``[R, length]``."""
+    lens = np.diff(offsets)
+    take = np.minimum(lens, length)
+    rows = np.repeat(np.arange(len(lens)), take)
+    within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
+    out = np.zeros((len(lens), length), dtype=values.dtype)
+    out[rows, length - np.repeat(take, take) + within] = values[
+        np.repeat(offsets[1:] - take, take) + within
+    ]
+    return out
+
+
+def _rows_of(offsets: np.ndarray, rows: slice | None) -> tuple[np.ndarray, slice]:
+    if rows is None:
+        rows = slice(0, len(offsets) - 1)
+    start, stop, _ = rows.indices(len(offsets) - 1)
+    return offsets[start : stop + 1], slice(start, stop)
+
+
+def _column(values: np.ndarray | None, rows: slice) -> Tensor | None:
+    if values is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(values[rows], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    """What one query tower reads: its history length and which context fields.
+
+    Attributes:
+        history_len: Longest history the tower uses (the most recent events).
+        users: The tower has a listener embedding.
+        hours: The tower reads the hour of day.
+        contexts: The tower reads the context type.
+    """
+
+    history_len: int
+    users: bool = False
+    hours: bool = False
+    contexts: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], history_len: int | None = None) -> QuerySpec:
+        """The spec of a query tower from its constructor arguments (``tower.config``)."""
+        max_len = int(config["max_len"])
+        return cls(
+            history_len=min(int(history_len or max_len), max_len),
+            users=int(config.get("num_users", 0)) > 0,
+            hours=bool(config.get("use_hour", False)),
+            contexts=int(config.get("num_contexts", 0)) > 0,
+        )
+
+    @property
+    def inputs(self) -> list[QueryField]:
+        """The fields this tower reads, in ONNX input order."""
+        used = {"history": True, "users": self.users, "hours": self.hours}
+        used["contexts"] = self.contexts
+        return [f for f in FIELDS if used[f.name]]
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of :attr:`inputs`."""
+        return [f.name for f in self.inputs]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's description of the query inputs (enough to call the ONNX encoder)."""
+        return {
+            "history_len": self.history_len,
+            "inputs": [f.describe() for f in self.inputs],
+            "output": {
+                "name": "query_emb",
+                "dtype": "float32",
+                "shape": ["batch", "dim"],
+                "meaning": "query vector; score tracks by inner product with index.faiss rows",
+            },
+        }
+
+    def build(
+        self,
+        values: np.ndarray,
+        offsets: np.ndarray,
+        users: np.ndarray | None = None,
+        hours: np.ndarray | None = None,
+        contexts: np.ndarray | None = None,
+        rows: slice | None = None,
+        trim: bool = False,
+    ) -> QueryBatch:
+        """THE builder: CSR histories (item indices, oldest first) + context -> a QueryBatch.
+
+        Args:
+            values: History item indices of every query, concatenated, ``[M]``.
+            offsets: ``[Q + 1]``; query ``q`` owns ``values[offsets[q]:offsets[q + 1]]``.
+            users: Listener index per query ``[Q]`` (0 unknown) or None.
+            hours: Hour of day per query ``[Q]`` (-1 unknown) or None.
+            contexts: Context-type index per query ``[Q]`` (0 unknown) or None.
+            rows: Build only queries ``rows`` (a slice of ``0..Q``).
+            trim: Pad only to the longest history of the batch instead of ``history_len``
+                (encoders are invariant to leading padding; short histories cost less).
+
+        Returns:
+            The most recent ``history_len`` items of every history, left-padded, with the
+            context fields this tower reads (the others None).
+        """
+        off, rows = _rows_of(np.asarray(offsets, dtype=np.int64), rows)
+        length = self.history_len
+        if trim:
+            length = max(1, min(length, int(np.diff(off).max(initial=1))))
+        window = np.asarray(values[off[0] : off[-1]], dtype=np.int64)  # the rows' items only
+        hist = left_pad_last(window, off - off[0], length)  # [b, length]
+        return QueryBatch(
+            history=torch.from_numpy(hist),
+            users=_column(users, rows) if self.users else None,
+            hours=_column(hours, rows) if self.hours else None,
+            contexts=_column(contexts, rows) if self.contexts else None,
+        )
+
+    def build_from(self, queries: Any, rows: slice | None = None, trim: bool = False) -> QueryBatch:
+        """:meth:`build` from an object with the index arrays of queries.
+
+        ``queries`` has ``history``, ``offsets``, ``users``, ``hours`` and ``contexts`` (an
+        ``EvalSet``, or raw queries mapped to a model's vocabulary).
+        """
+        return self.build(
+            queries.history,
+            queries.offsets,
+            queries.users,
+            queries.hours,
+            queries.contexts,
+            rows=rows,
+            trim=trim,
+        )
+
+    def example(
+        self, num_items: int, num_users: int, num_contexts: int, batch: int, seed: int = 0
+    ) -> QueryBatch:
+        """Random valid inputs with variable left padding (parity checks of exports)."""
+        g = torch.Generator().manual_seed(seed)
+        length = self.history_len
+        history = torch.randint(2, num_items, (batch, length), generator=g)
+        pad = torch.randint(0, length, (batch,), generator=g)  # [B] padding per row
+        history[torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)] = PAD
+        return QueryBatch(
+            history=history,
+            users=torch.randint(0, num_users, (batch,), generator=g) if self.users else None,
+            hours=torch.randint(-1, NUM_HOURS, (batch,), generator=g) if self.hours else None,
+            contexts=(
+                torch.randint(0, num_contexts, (batch,), generator=g) if self.contexts else None
+            ),
+        )
+
+
+def spec_of(tower: Any, history_len: int | None = None) -> QuerySpec:
+    """The :class:`QuerySpec` of a query tower, from its ``config``.
+
+    A tower without one (a test double) gets every field and its ``max_len``.
+    """
+    config = getattr(tower, "config", None)
+    if isinstance(config, Mapping) and "max_len" in config:
+        return QuerySpec.from_config(config, history_len)
+    return QuerySpec(int(history_len or tower.max_len), users=True, hours=True, contexts=True)
