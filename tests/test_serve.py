@@ -862,3 +862,224 @@ def test_review_concurrent_http_ratings(tmp_path: Path, art: Path) -> None:
     assert set(codes) == {200} and len(codes) == 4 * len(items) * 16
     rows = app.state.panel.store.ratings()
     assert len(rows) == 4 * len(items) * 8 and {r.rating for r in rows} == {"wtf"}
+
+
+# -- dynamic batching --------------------------------------------------------------------------
+
+
+def test_batcher_answers_each_job_its_own_result_and_batches_under_concurrency() -> None:
+    import asyncio
+    import time
+
+    from twotower.serve.batcher import Batcher
+
+    calls: list[list[int]] = []
+
+    def square(jobs: list[int]) -> list[int]:
+        calls.append(list(jobs))
+        time.sleep(0.005)  # a forward pass: the others queue meanwhile
+        return [j * j for j in jobs]
+
+    b = Batcher(square, window_s=0.002, max_batch=16)
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(b.submit(j) for j in range(100)))
+
+    assert asyncio.run(main()) == [j * j for j in range(100)]
+    assert sorted(j for c in calls for j in c) == list(range(100))  # each job exactly once
+    assert len(calls) < 20 and max(len(c) for c in calls) == 16  # batches formed, capped
+    assert b.stats.jobs == 100 and b.stats.batches == len(calls) and b.stats.largest == 16
+    b.close()
+
+
+def test_batcher_lone_request_does_not_wait_for_the_window() -> None:
+    import asyncio
+    import time
+
+    from twotower.serve.batcher import Batcher
+
+    b = Batcher(lambda jobs: jobs, window_s=0.2, max_batch=64)  # a window far above a request
+
+    async def one_by_one() -> list[float]:
+        out = []
+        for j in range(20):
+            t0 = time.perf_counter()
+            assert await b.submit(j) == j
+            out.append(time.perf_counter() - t0)
+        return out
+
+    waits = asyncio.run(one_by_one())
+    assert sorted(waits)[len(waits) // 2] < 0.05, waits  # median far below the 200 ms window
+    assert b.stats.largest == 1
+    b.close()
+
+
+def test_batcher_error_in_one_job_leaves_the_others_their_answers() -> None:
+    import asyncio
+
+    from twotower.serve.batcher import Batcher
+
+    def run(jobs: list[int]) -> list[int]:
+        if 13 in jobs:
+            raise ValueError("13 is refused")
+        return [-j for j in jobs]
+
+    b = Batcher(run, window_s=0.001, max_batch=64)
+
+    async def main() -> list:
+        return await asyncio.gather(*(b.submit(j) for j in range(30)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert isinstance(out[13], ValueError) and "13" in str(out[13])
+    assert [o for i, o in enumerate(out) if i != 13] == [-j for j in range(30) if j != 13]
+    b.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(b.submit(1))
+
+
+async def _concurrent_posts(app, bodies: list[dict]) -> list:
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        import asyncio
+
+        return await asyncio.gather(*(http.post("/recommend", json=b) for b in bodies))
+
+
+def _bodies(n: int, prefix: str, n_tracks: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    return [
+        {
+            "history": [f"{prefix}{rng.randrange(n_tracks):02d}" for _ in range(rng.randint(1, 6))],
+            "k": rng.choice([1, 3, 5, 10]),
+            "exclude_history": rng.random() < 0.5,
+        }
+        for _ in range(n)
+    ]
+
+
+def test_batched_http_answers_equal_unbatched_with_fewer_forwards(real: dict) -> None:
+    import asyncio
+
+    from twotower.retrieve import Retriever
+
+    app = create_app(real["a"], batch_window_ms=2, max_batch=64)
+    retriever = app.state.model.retriever
+    forwards: list[int] = []
+    retriever.query_tower.register_forward_hook(
+        lambda m, args, kwargs_or_out, *rest: forwards.append(1)
+    )
+    bodies = _bodies(48, "g", 24)
+    responses = asyncio.run(_concurrent_posts(app, bodies))
+    ref = Retriever.load(real["a"])
+    for body, r in zip(bodies, responses, strict=True):
+        assert r.status_code == 200, r.text
+        want = ref.recommend(
+            body["history"], k=body["k"], exclude="history" if body["exclude_history"] else None
+        )
+        got = r.json()["items"]
+        assert [t["track_id"] for t in got] == want.ids
+        assert [t["score"] for t in got] == pytest.approx(want.scores, abs=1e-5)
+    stats = app.state.batcher.stats
+    assert stats.jobs == 48 and stats.largest > 1  # batches formed under concurrency
+    assert len(forwards) == stats.batches < 48  # one query-tower forward per batch
+    app.state.batcher.close()
+
+
+def test_batched_http_one_failing_request_does_not_break_the_others(art: Path) -> None:
+    import asyncio
+
+    app = create_app(art, loader=lambda p: PoisonRetriever(1), batch_window_ms=2, max_batch=64)
+    bodies = [{"history": [f"t{i}"], "k": 2} for i in range(20)]
+    responses = asyncio.run(_concurrent_posts(app, bodies))
+    for i, r in enumerate(responses):
+        if i == 13:
+            assert r.status_code == 422 and POISON in r.json()["detail"]
+        else:
+            assert r.status_code == 200, r.text
+            assert [t["track_id"] for t in r.json()["items"]][0] == f"t{i + 1}"
+    fake = app.state.model.retriever
+    assert max(fake.batch_calls) > 1  # the poison sat in a batch, which was then retried alone
+    assert app.state.batcher.stats.failed_batches >= 1
+    app.state.batcher.close()
+
+
+def test_batching_off_answers_in_the_thread_pool(art: Path) -> None:
+    app = create_app(art, loader=fake_loader, max_batch=1)
+    c = TestClient(app)
+    r = c.post("/recommend", json={"history": ["t3"], "k": 2, "exclude_history": True})
+    assert [t["track_id"] for t in r.json()["items"]] == ["t4", "t5"]
+    assert app.state.batcher is None and c.get("/healthz").json()["batching"] is None
+    assert app.state.model.retriever.batch_calls == []
+
+
+def test_workers_app_factory_reads_its_options(art: Path, monkeypatch) -> None:
+    from twotower.serve import app as app_module
+
+    monkeypatch.setenv(
+        app_module.ENV_CONFIG,
+        json.dumps({"artifacts": str(art), "batch_window_ms": 0.5, "max_batch": 8}),
+    )
+    monkeypatch.setattr(app_module, "load_model", lambda p, loader=None: _load_fake(p))
+    app = app_module.app_from_env()
+    assert TestClient(app).get("/healthz").json()["batching"] == {"window_ms": 0.5, "max_batch": 8}
+    monkeypatch.delenv(app_module.ENV_CONFIG)
+    with pytest.raises(RuntimeError, match="TWOTOWER_SERVE_CONFIG"):
+        app_module.app_from_env()
+
+
+def _load_fake(path):
+    from twotower.serve.catalogue import load_model
+
+    return load_model(path, fake_loader)
+
+
+def test_serve_cli_flags() -> None:
+    from twotower.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--artifacts",
+            "x",
+            "--batch-window-ms",
+            "2",
+            "--max-batch",
+            "32",
+            "--workers",
+            "3",
+        ]
+    )
+    assert (args.batch_window_ms, args.max_batch, args.workers) == (2.0, 32, 3)
+    args = build_parser().parse_args(["serve", "--artifacts", "x"])
+    assert (args.batch_window_ms, args.max_batch, args.workers) == (1.0, 64, 1)
+
+
+def test_real_artifact_unreadable_index_names_the_file(real: dict, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from twotower.export import ArtifactError
+    from twotower.retrieve import Retriever
+
+    bad = tmp_path / "bad"
+    shutil.copytree(real["a"], bad)
+    junk = b"not a faiss index" * 10
+    (bad / "index.faiss").write_bytes(junk)
+    with pytest.raises(ArtifactError, match="index.faiss"):  # the checksum catches it first
+        create_app(bad)
+    manifest = json.loads((bad / "manifest.json").read_text())  # a consistent manifest
+    manifest["files"]["index.faiss"] = {
+        "bytes": len(junk),
+        "sha256": hashlib.sha256(junk).hexdigest(),
+    }
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    for load in (lambda: create_app(bad), lambda: Retriever.load(bad, verify=False)):
+        with pytest.raises(ArtifactError) as info:
+            load()
+        msg = str(info.value)
+        assert "index.faiss" in msg and "unreadable FAISS index" in msg
+        assert "manifest" not in msg
