@@ -60,7 +60,13 @@ def _size_getter(name: str) -> Any:
 
 
 def trainer_defaults() -> dict[str, Any]:
-    """Device-dependent trainer defaults (CUDA: bf16-mixed; CPU: fp32, deterministic)."""
+    """Device-dependent trainer defaults (CUDA: bf16-mixed; CPU: fp32, deterministic).
+
+    The callbacks are :func:`twotower.model.callbacks.default_callbacks` (training clock,
+    throughput, embedding histograms, hparams view, projector).
+    """
+    from twotower.model.callbacks import default_callbacks
+
     cuda = torch.cuda.is_available()
     return {
         "accelerator": "auto",
@@ -72,6 +78,7 @@ def trainer_defaults() -> dict[str, Any]:
             "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
             "init_args": {"save_dir": "runs", "name": "twotower", "default_hp_metric": False},
         },
+        "callbacks": default_callbacks(),
     }
 
 

@@ -1,14 +1,15 @@
-"""The LightningModule: both towers, the retrieval loss, full-catalogue validation, logging."""
+"""The LightningModule: both towers, the retrieval loss, full-catalogue validation, logging.
+
+What only observes a run (training clock, throughput, embedding histograms, the hparams
+view, the projector) is in :mod:`twotower.model.callbacks`.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -75,7 +76,7 @@ class TwoTowerModule(pl.LightningModule):
         lr_schedule: ``constant`` or ``cosine`` (decay to 0 over the run) after warm-up.
         compile: ``torch.compile`` the query encoder for training.
         projector_items: Most popular items written to the TensorBoard projector at the end of
-            fit (0 = off).
+            fit (0 = off); read by :class:`~twotower.model.callbacks.EmbeddingProjector`.
         num_items: Item vocabulary size (data).
         num_users: User vocabulary size (data).
         num_contexts: Context-type vocabulary size (data).
@@ -193,12 +194,8 @@ class TwoTowerModule(pl.LightningModule):
         self._sequence_fn = self.query_tower.forward_sequence
         self._val_ranks: list[Tensor] = []
         self._val_item_emb: Tensor | None = None
-        self._last_batch_end: float | None = None
-        self._epoch_start = 0.0
-        self._epoch_examples = 0
-        self.throughput = float("nan")
-        self._fit_start: float | None = None
-        self.train_seconds = 0.0
+        self._examples = 0  # predicted positions of the last step (the Throughput callback)
+        self.train_seconds = 0.0  # kept by the TrainTimer callback, restored from checkpoints
         self.data_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
@@ -240,19 +237,18 @@ class TwoTowerModule(pl.LightningModule):
         return mode == "on" or (mode == "auto" and bool(self.data_info.get("filter_seen")))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store vocabularies, data fingerprint and training time (all plain types)."""
+        """Store vocabularies, data fingerprint and training time (all plain types).
+
+        The :class:`~twotower.model.callbacks.TrainTimer` callback has already stored the
+        running ``train_seconds``; without it the module's own figure is stored.
+        """
         checkpoint["twotower"] = dict(self.data_info)
-        checkpoint["train_seconds"] = float(self._elapsed())
+        checkpoint.setdefault("train_seconds", float(self.train_seconds))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore what :meth:`on_save_checkpoint` stored."""
         self.data_info = dict(checkpoint.get("twotower") or {})
         self.train_seconds = float(checkpoint.get("train_seconds") or 0.0)
-
-    def _elapsed(self) -> float:
-        if self._fit_start is None:
-            return self.train_seconds
-        return self.train_seconds + time.perf_counter() - self._fit_start
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -365,40 +361,6 @@ class TwoTowerModule(pl.LightningModule):
         base = int(os.environ.get("PL_GLOBAL_SEED", 0))
         torch.manual_seed((base * 1_000_003 + self.global_step) * 1009 + self.global_rank)
 
-    def on_train_epoch_start(self) -> None:
-        """Start the epoch's throughput clock."""
-        self._epoch_examples = 0
-        self._epoch_start = time.perf_counter()
-        self._last_batch_end = None
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Count the examples (predicted positions) of the step."""
-        self._epoch_examples += getattr(self, "_examples", 0)
-        self._last_batch_end = time.perf_counter()
-
-    def on_train_epoch_end(self) -> None:
-        """Log examples/s over the epoch's training batches (data loading included)."""
-        if self._last_batch_end is None:
-            return
-        seconds = max(self._last_batch_end - self._epoch_start, 1e-9)
-        self.throughput = self._epoch_examples * self.trainer.world_size / seconds
-        self.log("train/examples_per_s", self.throughput)
-
-    def on_fit_start(self) -> None:
-        """Start the wall clock; register hparams with their metrics for TensorBoard."""
-        self._fit_start = time.perf_counter()
-        if self.logger is not None:
-            self.logger.log_hyperparams(
-                self.hparams, {"hp/ndcg@10": float("nan"), "hp/recall@10": float("nan")}
-            )
-
-    def on_fit_end(self) -> None:
-        """Close the clock; write the final metrics and the embedding projector."""
-        self.train_seconds = self._elapsed()
-        self._fit_start = None
-        if self.trainer.is_global_zero:
-            self._write_projector()
-
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self) -> None:
         """Item vectors of the whole catalogue, computed once per validation."""
@@ -438,58 +400,15 @@ class TwoTowerModule(pl.LightningModule):
         return {f"{prefix}/{k}": metrics[k] for k in keep}
 
     def on_validation_epoch_end(self) -> None:
-        """Log recall/ndcg/mrr/hr@10,20, the hparams metrics and embedding-norm histograms."""
+        """Log recall/ndcg/mrr/hr@10,20 (``hp/*`` and histograms: the callbacks)."""
         metrics = self._epoch_metrics("val")
         ndcg = metrics.pop(MONITOR)
         self.log_dict(metrics)
         self.log(MONITOR, ndcg, prog_bar=True)
-        self.log("hp/ndcg@10", ndcg)
-        self.log("hp/recall@10", metrics["val/recall@10"])
-        if not self.trainer.sanity_checking:
-            self._log_histograms()
 
     def on_test_epoch_end(self) -> None:
         """Log the test metrics."""
         self.log_dict(self._epoch_metrics("test"))
-
-    # ------------------------------------------------------------------ TensorBoard extras
-    def _tensorboard(self) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-
-        exp = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        return exp if isinstance(exp, SummaryWriter) else None
-
-    def _log_histograms(self) -> None:
-        tb = self._tensorboard()
-        if tb is None or not self.trainer.is_global_zero:
-            return
-        w = self.query_tower.item_embedding.weight.detach()[2:].float()
-        tb.add_histogram("embeddings/item_id_norm", w.norm(dim=1).cpu(), self.global_step)
-        if self.query_tower.user_embedding is not None:
-            u = self.query_tower.user_embedding.weight.detach()[2:].float()
-            tb.add_histogram("embeddings/user_norm", u.norm(dim=1).cpu(), self.global_step)
-
-    def _write_projector(self) -> None:
-        tb = self._tensorboard()
-        n = int(self.hparams.projector_items)
-        dm = getattr(self.trainer, "datamodule", None)
-        if tb is None or n <= 0 or dm is None:
-            return
-        data = dm.data
-        counts = np.asarray(data.item_counts).copy()
-        counts[:2] = -1
-        top = np.argsort(-counts, kind="stable")[: min(n, data.num_items - 2)]
-        self.eval()
-        emb = self.item_tower(torch.as_tensor(top, device=self.device)).detach().float().cpu()
-        tracks = data.tracks
-        labels = []
-        for i in top:
-            row = tracks.iloc[int(i)] if int(i) < len(tracks) else None
-            title = _text(row, "title") or _text(row, "track_id") or f"item {int(i)}"
-            artist = _text(row, "artist")
-            labels.append(f"{title} — {artist}" if artist else title)
-        tb.add_embedding(emb, metadata=labels, tag="items", global_step=self.global_step)
-        tb.flush()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -559,10 +478,3 @@ def seen_pairs(inputs: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     keep = upto.unsqueeze(0) & valid.unsqueeze(2) & (item > 1)  # [B, L(t), L(s)]
     rows = query_index.unsqueeze(2).expand_as(item)[keep]  # [P]
     return rows, item[keep]
-
-
-def _text(row: Any, col: str) -> str:
-    if row is None or col not in row.index:
-        return ""
-    value = row[col]
-    return "" if pd.isna(value) else str(value)
