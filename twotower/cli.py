@@ -110,7 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=5, help="held-out listeners in samples.md")
     p.add_argument("-k", "--ks", default="10,20,50", help="comma-separated cut-offs")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
-    p.add_argument("--onnx", action="store_true", help="also export the query tower as ONNX")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="require the ONNX query tower (default: exported when onnx/onnxruntime are installed)",
+    )
+    p.add_argument("--no-onnx", action="store_true", help="do not export query_tower.onnx")
+    p.add_argument(
+        "--no-users", action="store_true", help="do not export listener embeddings (users.parquet)"
+    )
 
     p = sub.add_parser("compare", help="old vs new model on the same held-out queries")
     p.add_argument("run_a", metavar="RUN_A", help="run folder, checkpoint or artifact folder")

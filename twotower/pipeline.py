@@ -10,7 +10,9 @@ One command, one run folder with a record of everything::
       metrics.md/json      test-split table: the model and the baselines with 95% intervals
       tensorboard/         TensorBoard logs of the training run
       checkpoints/         best (by val/ndcg@10) and last checkpoints
-      artifacts/           the export (FAISS index, query tower, manifest with the same lineage)
+      artifacts/           the export (FAISS index, query tower + query_tower.onnx, listener
+                           vectors user_embeddings.npy + users.parquet, manifest with the
+                           same lineage; --no-onnx / --no-users leave them out)
       samples.md           a few held-out listeners: history tail, top-10, the true next track
       pipeline.log         the progress log
 
@@ -321,7 +323,8 @@ def run_pipeline(
     sample: int = 5,
     ks: Sequence[int] = (10, 20, 50),
     bootstrap: int = 1000,
-    onnx: bool = False,
+    onnx: bool | None = None,
+    users: bool = True,
     command: Sequence[str] | None = None,
 ) -> PipelineResult:
     """Data report -> train -> evaluate (with baselines, test split) -> export -> samples.
@@ -337,7 +340,11 @@ def run_pipeline(
         sample: Held-out listeners shown in ``samples.md`` (0: none).
         ks: Cut-offs of the metrics table.
         bootstrap: Resamples of the 95% intervals.
-        onnx: Also export the query tower as ONNX.
+        onnx: Export the query tower as ONNX (``query_tower.onnx``, checked against torch):
+            None (default) when ``onnx`` and ``onnxruntime`` are installed (the ``onnx``
+            extra; a warning otherwise), True always (an error without them), False never.
+        users: Export every listener's latest query vector (``user_embeddings.npy`` +
+            ``users.parquet``); skipped with a log line when the data has no listener ids.
         command: Command line for the lineage (default ``sys.argv``).
 
     Returns:
@@ -374,6 +381,7 @@ def run_pipeline(
             ks,
             bootstrap,
             onnx,
+            users,
         )
         lineage["finished"] = lin.now_iso()
         lineage["stages"] = stages.seconds
@@ -401,7 +409,8 @@ def _run(
     sample: int,
     ks: Sequence[int],
     bootstrap: int,
-    onnx: bool,
+    onnx: bool | None,
+    users: bool,
 ) -> PipelineResult:
     from twotower.data.pipeline import _input_files, cache_path, load_data_config, prepare_data
 
@@ -433,9 +442,12 @@ def _run(
 
     # 2. train
     with stages.stage("train", "fit the two-tower model"):
+        from twotower.model.callbacks import HP_TEST_METRICS, default_callbacks
         from twotower.train import fit
 
-        trainer, module, dm = fit(paths, train_over)
+        # the hparams view also declares the test figures, written after evaluation
+        callbacks = default_callbacks(extra_hp_metrics=tuple(HP_TEST_METRICS))
+        trainer, module, dm = fit(paths, train_over, callbacks=callbacks)
         if dm.data.fingerprint != data.fingerprint:
             raise ValueError(
                 "the training data differ from the data report's (fingerprint "
@@ -476,6 +488,7 @@ def _run(
         (run / "metrics.md").write_text(table.to_markdown() + "\n")
         (run / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(table.to_markdown())
+        _log_test_hp_metrics(trainer, metrics)
 
     # 4. export
     with stages.stage("export", f"FAISS index ({index}) + query tower -> artifacts/"):
@@ -485,7 +498,8 @@ def _run(
             str(checkpoint),
             str(run / "artifacts"),
             index=index,
-            onnx=onnx,
+            onnx=_want_onnx(onnx),
+            users=_want_users(users, dm.data),
             progress=False,
             lineage=lin.for_manifest(lineage),
         )
@@ -509,6 +523,52 @@ def _run(
         cache_hit=cache_hit,
         samples=samples,
     )
+
+
+def _log_test_hp_metrics(trainer: Any, metrics: Mapping[str, Any]) -> None:
+    """Write the model's test figures as ``hp/test_*`` scalars beside the training logs.
+
+    The hparams view of TensorBoard then shows them next to the final validation figures
+    (the names were declared by :class:`~twotower.model.callbacks.HparamsMetrics`).
+    """
+    from twotower.model.callbacks import HP_TEST_METRICS, write_hp_metrics
+
+    log_dir = getattr(trainer, "log_dir", None)
+    rows = [r for r in metrics.get("rows", []) if r.get("name") == "two-tower"]
+    if not log_dir or not rows:
+        return
+    values = {}
+    for tag, key in HP_TEST_METRICS.items():
+        cell = rows[0].get("metrics", {}).get(key)
+        value = cell.get("mean") if isinstance(cell, Mapping) else cell
+        if isinstance(value, (int, float)):
+            values[tag] = float(value)
+    write_hp_metrics(log_dir, values, step=int(trainer.global_step))
+
+
+def _want_onnx(onnx: bool | None) -> bool:
+    """Whether to export ONNX: None = when onnx and onnxruntime are importable."""
+    if onnx is not None:
+        return bool(onnx)
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning(
+            "export: %s not installed, so no query_tower.onnx (pip install -e '.[onnx]', "
+            "or --no-onnx to silence this)",
+            " and ".join(missing),
+        )
+        return False
+    return True
+
+
+def _want_users(users: bool, data: Any) -> bool:
+    """Whether to export listener vectors: asked for, and the data has listener ids."""
+    if users and int(getattr(data, "num_users", 0)) <= 2:
+        log.info("export: the data has no listener ids, so no user_embeddings.npy")
+        return False
+    return bool(users)
 
 
 def train_overrides(run: Path, fit_over: Mapping[str, str]) -> dict[str, Any]:
@@ -581,7 +641,8 @@ def pipeline_main(args: Any) -> int:
         sample=args.sample,
         ks=ks,
         bootstrap=args.bootstrap,
-        onnx=args.onnx,
+        onnx=False if getattr(args, "no_onnx", False) else (True if args.onnx else None),
+        users=not getattr(args, "no_users", False),
     )
     print(f"run folder: {result.run_dir}")
     return 0
