@@ -136,3 +136,27 @@ def test_retriever_and_builder_agree(full_artifact) -> None:
     with torch.no_grad():
         want = tower(query).numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_readme_onnx_example_runs(full_artifact, capsys) -> None:
+    """The README's onnxruntime-only example, run as written against an artifact."""
+    import re
+    from pathlib import Path
+
+    art, _ = full_artifact
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(
+        r"<!-- onnx-example -->\n```python\n(.*?)```\n<!-- /onnx-example -->", readme, re.S
+    )
+    assert block, "README lost its ONNX example"
+    code = block.group(1)
+    assert 'art = "runs/default/artifacts"' in code
+    code = code.replace('"runs/default/artifacts"', repr(str(art)))
+    code = code.replace('["t1781", "t1789"]', '["t3", "t5", "no-such-track"]')
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own documentation
+    r = Retriever.load(art)
+    want = r.query_embeddings([["t3", "t5", "no-such-track"]])
+    np.testing.assert_allclose(scope["query_emb"], want, atol=1e-5)
+    assert scope["rows"][0].tolist() == [r.track_rows[t] for t in r.recommend(["t3", "t5"]).ids]
+    assert capsys.readouterr().out.strip()
