@@ -3,10 +3,15 @@
 A real service (``create_app`` over two tiny exports with held-out listeners, so the review
 panel is on) receives hypothesis-generated requests: random JSON bodies (and raw bytes) for
 every POST, random path and query values for every GET, random methods on every route, and
-well-formed requests whose answers are checked. Each request must finish within
-``MAX_SECONDS``. When ``schemathesis`` is installed it also generates requests from the
-service's OpenAPI schema. Every test prints how many requests it sent; the budget (about 600
-requests) keeps the module around 20 s on two cores.
+well-formed requests whose answers are checked. Strings come from ``TEXT``, which mixes
+ordinary text with lone surrogates (sent as JSON escapes such as ``\\ud800``), control
+characters and NUL; ``test_fuzz_every_string_field`` puts such strings into every string field
+of every endpoint (JSON bodies, paths and queries, the latter as invalid UTF-8
+percent-escapes). Each request must finish within ``MAX_SECONDS`` and every JSON answer must be
+valid UTF-8. ``test_keep_alive_survives_bad_requests`` drives a real uvicorn on 127.0.0.1 over
+one keep-alive connection. When ``schemathesis`` is installed it also generates requests from
+the service's OpenAPI schema. Every test prints how many requests it sent; the budget (about
+900 requests) keeps the module around 30 s on two cores.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class Tally:
         assert seconds < MAX_SECONDS, f"{method} {url} took {seconds:.1f}s"
         assert r.status_code < 500, f"{method} {url} {kwargs} -> {r.status_code}: {r.text[:300]}"
         assert r.status_code in ALLOWED, f"{method} {url} -> {r.status_code}: {r.text[:300]}"
+        if method != "HEAD" and r.headers.get("content-type", "").startswith("application/json"):
+            json.loads(r.content.decode("utf-8"))  # the answer is valid UTF-8 JSON
         return r
 
     def report(self, minimum: int) -> None:
@@ -96,6 +103,20 @@ class Tally:
 JSON_HEADERS = {"content-type": "application/json"}
 
 
+#: characters that broke or could break a service: lone surrogates (JSON escapes of them are
+#: valid JSON), NUL and other controls, separators, BOM, bidi override, a non-BMP emoji
+NASTY = ["\ud800", "\udfff", "\udbff", "\x00", "\x1b", "\x7f", "\x85", "\n", "\t", "\u2028",
+         "\ufeff", "\u202e", "\U0001f3a7", "\\", '"', "é"]  # fmt: skip
+
+
+def TEXT(max_size: int = 20, min_size: int = 0) -> st.SearchStrategy[str]:  # noqa: N802
+    """Strings: ordinary ones, and ones made of (or salted with) ``NASTY`` characters."""
+    chars = st.sampled_from(NASTY) | st.characters(exclude_categories=())
+    return st.text(max_size=max_size, min_size=min_size) | st.text(
+        chars, min_size=max(1, min_size), max_size=max(1, min(max_size, 12))
+    )
+
+
 def _dumps(body: object) -> bytes:
     """JSON as a careless client sends it (NaN and Infinity literals included)."""
     return json.dumps(body, allow_nan=True).encode()
@@ -106,20 +127,20 @@ JSON = st.recursive(
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=True, allow_infinity=True)
-    | st.text(max_size=20),
+    | TEXT(20),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
     max_leaves=12,
 )
-TRACK = st.sampled_from(KNOWN) | st.text(max_size=300) | JSON
+TRACK = st.sampled_from(KNOWN) | TEXT(300) | JSON
 CONTEXT = (
     st.fixed_dictionaries(
         {},
         optional={
             "hour": st.integers(-5, 30) | JSON,
-            "context_type": st.sampled_from(["radio", "charts"]) | st.text(max_size=80) | JSON,
-            "user": st.text(max_size=300) | JSON,
+            "context_type": st.sampled_from(["radio", "charts"]) | TEXT(80) | JSON,
+            "user": TEXT(300) | JSON,
             "extra": JSON,
         },
     )
@@ -148,7 +169,7 @@ RECOMMEND_BODY = (
 RATE_BODY = (
     st.fixed_dictionaries(  # nearly valid: every field present, some values out of range
         {
-            "reviewer": st.text(min_size=1, max_size=10),
+            "reviewer": TEXT(10, min_size=1),
             "item": st.sampled_from([*LISTENERS, "nobody"]),
             "list": st.sampled_from(["A", "B", "C"]),
             "position": st.integers(-1, 8),
@@ -158,8 +179,8 @@ RATE_BODY = (
     | st.fixed_dictionaries(
         {},
         optional={
-            "reviewer": st.text(max_size=80) | JSON,
-            "item": st.sampled_from(LISTENERS) | st.text(max_size=300) | JSON,
+            "reviewer": TEXT(80) | JSON,
+            "item": st.sampled_from(LISTENERS) | TEXT(300) | JSON,
             "list": st.sampled_from(["A", "B"]) | JSON,
             "position": st.integers(-3, 300) | JSON,
             "rating": st.sampled_from(["good", "okay", "wtf"]) | JSON,
@@ -167,12 +188,24 @@ RATE_BODY = (
     )
     | JSON
 )
-SEGMENT = st.sampled_from(KNOWN + LISTENERS) | st.text(min_size=1, max_size=300)
+SEGMENT = st.sampled_from(KNOWN + LISTENERS) | TEXT(300, min_size=1)
 QUERY = st.dictionaries(
     st.sampled_from(["k", "q", "limit", "offset", "reviewer", "x"]),
-    st.text(max_size=40) | st.integers(-(10**20), 10**20).map(str),
+    TEXT(40) | st.integers(-(10**20), 10**20).map(str),
     max_size=4,
 )
+
+
+def _quote(text: str) -> str:
+    """Percent-escape any string, lone surrogates included (as the invalid UTF-8 they'd be)."""
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
+
+
+def _url(route: str, segment: str, query: dict[str, str]) -> str:
+    url = route.format(_quote(segment))
+    if query:
+        url += "?" + "&".join(f"{_quote(k)}={_quote(v)}" for k, v in query.items())
+    return url
 
 
 @FUZZ
@@ -222,8 +255,69 @@ def test_fuzz_review_rate(client, body) -> None:
     method=st.sampled_from(["GET", "GET", "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
 )
 def test_fuzz_paths_queries_methods(client, route, segment, query, method) -> None:
-    url = route.format(quote(segment, safe=""))
-    _tally("paths/queries/methods").send(client, method, url, params=query)
+    _tally("paths/queries/methods").send(client, method, _url(route, segment, query))
+
+
+VALID_RECOMMEND = {"history": ["g00", "g01"], "k": 3, "context": {"context_type": "radio"}}
+VALID_RATE = {"reviewer": "ann", "item": "L0", "list": "A", "position": 0, "rating": "okay"}
+#: every string field of every JSON body: (url, valid body, path to the field)
+BODY_FIELDS = [
+    ("/recommend", VALID_RECOMMEND, ("history", 0)),
+    ("/recommend", VALID_RECOMMEND, ("history", 1)),
+    ("/recommend", VALID_RECOMMEND, ("context", "context_type")),
+    ("/recommend", VALID_RECOMMEND, ("context", "user")),
+    ("/review/rate", VALID_RATE, ("reviewer",)),
+    ("/review/rate", VALID_RATE, ("item",)),
+    ("/review/rate", VALID_RATE, ("list",)),
+    ("/review/rate", VALID_RATE, ("rating",)),
+]
+#: every string parameter of every GET: (route with {} for the segment, fixed query, name)
+QUERY_FIELDS = [
+    ("/similar/{}", {}, None),
+    ("/listeners/{}", {}, None),
+    ("/review/items/{}", {}, None),
+    ("/review/items/{}", {"reviewer": "ann"}, None),
+    ("/tracks/search", {}, "q"),
+    ("/review/items", {}, "reviewer"),
+    ("/review/items/L0", {}, "reviewer"),
+]
+
+
+def _with(body: dict, path: tuple, value: object) -> dict:
+    out = json.loads(json.dumps(body))
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return out
+
+
+@FUZZ
+@given(
+    where=st.sampled_from(BODY_FIELDS + QUERY_FIELDS),
+    text=TEXT(40, min_size=1),
+)
+def test_fuzz_every_string_field(client, where, text) -> None:
+    tally = _tally("every string field")
+    if where[0] in ("/recommend", "/review/rate"):
+        url, body, path = where
+        r = tally.send(
+            client, "POST", url, content=_dumps(_with(body, path, text)), headers=JSON_HEADERS
+        )
+        bad_unicode = any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+        control = path == ("reviewer",) and any(c < " " or "\x7f" <= c <= "\x9f" for c in text)
+        if bad_unicode or control:
+            assert r.status_code == 422, (url, path, repr(text), r.text[:300])
+        if r.status_code == 422:
+            assert r.json()["message"], r.text  # a readable one-line reason
+    else:
+        route, query, name = where
+        query = dict(query)
+        if name is None:
+            segment = text
+        else:
+            segment, query[name] = "", text
+        tally.send(client, "GET", _url(route, segment or "x", query))
 
 
 @FUZZ
@@ -308,3 +402,56 @@ def test_zz_fuzz_budget_report() -> None:
         f"{max(t.slowest for t in _TALLIES.values()) * 1000:.0f} ms"
     )
     assert total >= 300
+
+
+# ------------------------------------------------------------------------- a real server
+
+
+@pytest.fixture(scope="module")
+def live_url(client):
+    """The fuzzed app under a real uvicorn on 127.0.0.1 (a free port), in a thread."""
+    import socket
+    import threading
+
+    uvicorn = pytest.importorskip("uvicorn")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(client.app, log_level="warning", lifespan="off", timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def test_keep_alive_survives_bad_requests(live_url) -> None:
+    """Bad bodies (lone surrogates, NUL, strict types) get 422 and the connection lives on."""
+    import httpx
+
+    bad = [
+        b'{"history": ["\\ud800"], "k": 3}',
+        b'{"history": ["g00"], "k": 3, "context": {"context_type": "\\udfff"}}',
+        b'{"history": ["g00"], "k": 3, "context": {"user": "a\\u0000b"}, "x": "\\ud800"}',
+        b'{"history": ["g00"], "k": true}',
+        b'{"history": ["g00"], "k": 3, "context": {"hour": "9"}}',
+        b'{"history": ["g00"], "k": ',
+    ]
+    rate = b'{"reviewer": "a\\u0000b", "item": "L0", "list": "A", "position": 0, "rating": "wtf"}'
+    ports = set()
+    with httpx.Client(base_url=live_url, timeout=10) as http:
+        for body in [*bad, rate]:
+            url = "/review/rate" if body is rate else "/recommend"
+            r = http.post(url, content=body, headers=JSON_HEADERS)
+            assert r.status_code == 422, (body, r.status_code, r.text[:300])
+            assert r.json()["message"]
+            ports.add(r.extensions["network_stream"].get_extra_info("client_addr")[1])
+            ok = http.post("/recommend", json={"history": ["g00"], "k": 2})
+            assert ok.status_code == 200 and len(ok.json()["items"]) == 2
+            ports.add(ok.extensions["network_stream"].get_extra_info("client_addr")[1])
+    assert len(ports) == 1, f"the keep-alive connection was replaced: local ports {ports}"
