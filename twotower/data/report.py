@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+MIN_EVAL_QUERIES = 100  # fewer validation / test queries than this: the report warns
+
 
 def _fmt_time(ts: int | None) -> str:
     if ts is None:
@@ -72,14 +74,31 @@ class DataReport:
         """Total rows dropped over all reasons."""
         return sum(self.dropped.values())
 
+    def warnings(self) -> list[str]:
+        """Problems worth a loud line: too few validation or test queries to measure anything.
+
+        With fewer than :data:`MIN_EVAL_QUERIES` test (or validation) queries a metric moves by
+        1/n per query, so differences between runs are noise; e.g. a single listener with
+        ``sequence_by: user`` gives one test case.
+        """
+        out = []
+        for part, name in (("test", "test"), ("valid", "validation")):
+            n = self.split.get(part)
+            if n is not None and n < MIN_EVAL_QUERIES:
+                out.append(
+                    f"only {n:,} {name} queries (fewer than {MIN_EVAL_QUERIES}): its metrics are "
+                    "noise; use more data, sequence_by: session, or other cut-offs"
+                )
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary."""
-        return asdict(self)
+        """JSON-ready dictionary (with the :meth:`warnings`, recomputed on load)."""
+        return {**asdict(self), "warnings": self.warnings()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataReport:
         """Inverse of :meth:`to_dict`."""
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k != "warnings"})
 
     def to_json(self) -> str:
         """Pretty JSON."""
@@ -114,4 +133,6 @@ class DataReport:
             lines.append(f"  split           {q}")
         for note in self.notes:
             lines.append(f"  note: {note}")
+        for warning in self.warnings():
+            lines.append(f"  WARNING: {warning}")
         return "\n".join(lines)
