@@ -30,7 +30,12 @@ gradient. Without logQ (``logq=False``) popular items are over-represented among
 and get pushed down (popularity bias). Items never seen in training are treated as count 1.
 
 **Full softmax** (``full_softmax=True``) scores every catalogue item: exact, no sampling, no
-correction; viable for catalogues of a few ten thousand items.
+correction; viable for catalogues of a few ten thousand items. A configured ``num_negatives``
+at or above the catalogue size (:math:`M \ge V-2`) means it: :func:`resolve_full_softmax`
+(called when the model builds its loss) switches to it with a logged warning, since sampling
+would compute at least as many logits and still miss items (about 37% of the catalogue at
+:math:`M = V-2`: draws are with replacement). :class:`RetrievalLoss` itself takes
+``num_negatives`` as given.
 
 **Seen-item exclusion** (``exclude``): when the data filters already-seen items (explicit
 ratings: a user rates a movie once), the target of a position is never one of the items before
@@ -56,6 +61,7 @@ gradient of the global mean, so 2 ranks x B equals 1 rank x 2B.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -65,6 +71,37 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ItemFn = Callable[[Tensor], Tensor]
+log = logging.getLogger("twotower")
+
+
+def resolve_full_softmax(num_items: int, num_negatives: int, full_softmax: bool = False) -> bool:
+    """Whether the loss scores the whole catalogue: asked for, or ``num_negatives`` too large.
+
+    ``num_negatives`` at or above the catalogue size (``num_items - 2`` real items) cannot be a
+    sample of it: the full softmax is exact and costs no more logits, so it is used instead and
+    a warning says so.
+
+    Args:
+        num_items: Item vocabulary size including pad (0) and OOV (1).
+        num_negatives: Requested uniformly sampled negatives per step.
+        full_softmax: Full softmax requested in the config.
+
+    Returns:
+        True for the full softmax.
+    """
+    if full_softmax:
+        return True
+    catalogue = num_items - 2
+    if num_negatives > 0 and 0 < catalogue <= num_negatives:
+        log.warning(
+            "num_negatives=%d is at or above the catalogue size (%d items): using the full "
+            "softmax over all %d items instead of sampling",
+            num_negatives,
+            catalogue,
+            catalogue,
+        )
+        return True
+    return False
 
 
 def _world() -> int:
@@ -82,6 +119,8 @@ class RetrievalLoss(nn.Module):
         learn_temperature: Learn log(tau), clamped to
             ``[min_temperature, max_temperature]``.
         num_negatives: Uniformly sampled extra candidates ``M`` per step (0 = in-batch only).
+            Taken as given here (any ``M`` samples correctly); a model resolves a ``M`` at or
+            above the catalogue size to the full softmax with :func:`resolve_full_softmax`.
         logq: Subtract log q from every sampled-softmax logit.
         full_softmax: Score the whole catalogue instead of sampling.
         min_temperature: Lower clamp of a learned temperature.
