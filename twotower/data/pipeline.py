@@ -36,7 +36,6 @@ from twotower.data.sessions import (
     Events,
     dedupe_consecutive,
     events_from_frame,
-    kcore,
     sessionize_events,
 )
 from twotower.data.sources import load_source
@@ -46,7 +45,7 @@ log = logging.getLogger("twotower")
 
 # Bump when the preprocessing (or the synthetic generator) produces different arrays for the
 # same input: it is part of the cache key, so old caches are not reused.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3  # 3: k-core counts training rows only
 SKIPPED_REASON = "skipped play (kept as signal, not a positive)"
 LISTENING_LOG_FORMATS = ("mssd", "lastfm", "synthetic")
 COLD_TARGET_REASON = "cold target (not in training): counts as a miss"
@@ -75,7 +74,8 @@ class DataConfig:
             (``time`` split).
         test_cutoff: ISO date/time that starts test (``time`` split).
         dedupe_consecutive: Remove consecutive repeats of a track inside a session.
-        kcore: Iteratively drop users and tracks with fewer rows than this (0 off).
+        kcore: Iteratively drop users and tracks with fewer training rows than this (0 off;
+            see :func:`~twotower.data.splits.split_events`).
         max_history: Events kept in each evaluation history (the most recent).
         filter_seen: ``auto`` | ``on`` | ``off``: drop already-seen items from evaluation
             rankings. Auto is on for explicit ratings (MovieLens) and for other non-log data
@@ -391,26 +391,16 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
     ev = sessionize_events(ev, cfg.session_gap_minutes, random_order=not res.ordered, seed=cfg.seed)
     if cfg.dedupe_consecutive:
         ev = dedupe_consecutive(ev, report)
-    ev = kcore(ev, cfg.kcore, report)
-    if len(ev) == 0:
-        raise DataError(f"{report.source}: no interactions left after filtering (kcore?)")
-
     sequence_by = _resolve_sequence_by(cfg, ev)
-    seq = sp.sequence_ids(ev.user if sequence_by == "user" else ev.session)
-    if cfg.split == "leave_last_out":
-        roles = sp.leave_last_out(seq, ev.positive, report)
-    else:
+    cutoffs = None
+    if cfg.split == "time":
         if (ev.timestamp < 0).any():
             raise DataError("data.split=time: some rows have no timestamp")
-        roles = sp.time_split(
-            seq,
-            ev.positive,
-            ev.timestamp,
-            parse_cutoff(cfg.val_cutoff or ""),
-            parse_cutoff(cfg.test_cutoff or ""),
-            by_session=sequence_by == "session",
-            report=report,
-        )
+        cutoffs = (parse_cutoff(cfg.val_cutoff or ""), parse_cutoff(cfg.test_cutoff or ""))
+    # k-core after the roles, counting training rows only (no leak from later plays)
+    ev, seq, roles = sp.split_events(ev, sequence_by, cutoffs, cfg.kcore, report)
+    if len(ev) == 0 or (cfg.kcore > 1 and not (roles == sp.TRAIN).any()):
+        raise DataError(f"{report.source}: no training interactions left after filtering (kcore?)")
 
     # Vocabularies from the training rows only: later tracks/users/contexts map to OOV.
     train = roles == sp.TRAIN

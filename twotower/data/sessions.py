@@ -262,29 +262,72 @@ def dedupe_consecutive(ev: Events, report: DataReport | None = None) -> Events:
     return renumber_sessions(ev.take(~rep)) if rep.any() else ev
 
 
-def kcore(ev: Events, k: int, report: DataReport | None = None) -> Events:
-    """Iteratively keep rows whose user and track both have at least ``k`` rows.
+def kcore_reason(k: int) -> str:
+    """The report's drop reason of the k-core filter."""
+    return f"k-core filter (k={k})"
+
+
+def kcore_keep(ev: Events, k: int, counted: np.ndarray | None = None) -> np.ndarray:
+    """Rows kept by the iterative k-core filter, counting only the rows in ``counted``.
+
+    Owners are users, or sessions for rows without a user. The filter iterates over the
+    counted rows alone: a counted row goes when its owner or its track has fewer than ``k``
+    live counted rows, until nothing changes. Then:
+
+    * every counted row that did not survive is removed;
+    * an owner that had counted rows and lost them all is removed with *all* its rows;
+    * a row outside ``counted`` (a validation or test row) is otherwise kept, also when its
+      track fell out of the core: the target is then a cold target (a miss), never hidden.
+      Owners without any counted row (a listener first seen after the validation cut-off, a
+      validation session) are outside the filter and kept.
+
+    With ``counted=None`` every row counts (the classic k-core of the whole table).
+
+    Args:
+        ev: Sessionized events.
+        k: Minimum rows per owner and per track (``k <= 1``: keep everything).
+        counted: ``[N]`` bool, the training rows; None for all rows.
+
+    Returns:
+        ``[N]`` bool mask of the kept rows.
+    """
+    n = len(ev)
+    keep = np.ones(n, dtype=bool)
+    if k <= 1 or n == 0:
+        return keep
+    counted = keep.copy() if counted is None else np.asarray(counted, dtype=bool)
+    # users by code; user-less rows by session, shifted past the user codes
+    owner = np.where(ev.user >= 0, ev.user, len(ev.user_ids) + ev.session.astype(np.int64))
+    n_owner = int(owner.max()) + 1
+    judged = np.bincount(owner[counted], minlength=n_owner) > 0  # owners with counted rows
+    live = counted.copy()
+    while live.any():
+        owner_n = np.bincount(owner[live], minlength=n_owner)
+        track_n = np.bincount(ev.track[live], minlength=len(ev.track_ids))
+        bad = live & ((owner_n[owner] < k) | (track_n[ev.track] < k))
+        if not bad.any():
+            break
+        live &= ~bad
+    owner_gone = judged & (np.bincount(owner[live], minlength=n_owner) == 0)
+    return live | (~counted & ~owner_gone[owner])
+
+
+def kcore(
+    ev: Events, k: int, report: DataReport | None = None, counted: np.ndarray | None = None
+) -> Events:
+    """Iteratively keep rows whose owner and track both have at least ``k`` rows.
 
     Rows without a user are grouped by session instead. Removed rows are recorded in
-    ``report`` as dropped with reason ``"k-core filter (k=K)"``.
+    ``report`` as dropped with reason ``"k-core filter (k=K)"``. See :func:`kcore_keep` for
+    ``counted`` (count the training rows only: what the pipeline does, so that plays after
+    the split's cut never decide what survives).
     """
     if k <= 1 or len(ev) == 0:
         return ev
-    n0 = len(ev)
-    while True:
-        # users by code; user-less rows by session, shifted past the user codes
-        owner = np.where(ev.user >= 0, ev.user, len(ev.user_ids) + ev.session)
-        owner_n = np.bincount(owner)
-        track_n = np.bincount(ev.track, minlength=len(ev.track_ids))
-        keep = (owner_n[owner] >= k) & (track_n[ev.track] >= k)
-        if keep.all():
-            break
-        ev = ev.take(keep)
-        if len(ev) == 0:
-            break
+    keep = kcore_keep(ev, k, counted)
     if report is not None:
-        report.drop(f"k-core filter (k={k})", n0 - len(ev))
-    return renumber_sessions(ev)
+        report.drop(kcore_reason(k), int((~keep).sum()))
+    return renumber_sessions(ev.take(keep)) if not keep.all() else ev
 
 
 def sessionize(

@@ -7,8 +7,11 @@ split assigns each row a role: training event, validation target, test target, o
 between the two targets). Histories of validation and test examples are always *the positive
 events of the same sequence before the target*, so one builder serves every split.
 
-Leakage: nothing here looks at items; the pipeline builds the item vocabulary from the training
-rows only, so a track first seen after the cut maps to OOV in histories and targets.
+Leakage: the split itself never looks at items; the pipeline builds the item vocabulary from
+the training rows only, so a track first seen after the cut maps to OOV in histories and
+targets. :func:`split_events` runs the optional k-core filter *after* the roles are known and
+counts training rows only, so plays of the validation / test period (or the held-out plays of a
+leave-last-out sequence) never decide which users and tracks survive it.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 
 from twotower.data.prepared import EvalSet, Sequences
 from twotower.data.report import DataReport
-from twotower.data.sessions import run_ids
-from twotower.data.vocab import OOV
+from twotower.data.sessions import Events, kcore_keep, kcore_reason, renumber_sessions, run_ids
+from twotower.ids import OOV
 
 TRAIN, VALID, TEST, HELD_OUT = 0, 1, 2, 3
 SHORT_REASON = "row of a sequence with < 3 positives (training only)"
@@ -69,6 +72,34 @@ def _positive_rank(seq: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, .
     return pos_rows, rank, npos
 
 
+def _count(report: DataReport | None, flags: dict[str, np.ndarray]) -> None:
+    """Count the flagged rows of every reason into ``report``."""
+    if report is not None:
+        for reason, mask in flags.items():
+            report.count(reason, int(mask.sum()))
+
+
+def _leave_last_out(
+    seq: np.ndarray, positive: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Roles of :func:`leave_last_out` and the rows flagged per report reason."""
+    n = len(seq)
+    roles = np.full(n, TRAIN, dtype=np.int8)
+    if n == 0:
+        return roles, {}
+    pos_rows, rank, npos = _positive_rank(seq, positive)
+    s = seq[pos_rows]
+    ok = npos[s] >= 3
+    test_rows = pos_rows[ok & (rank == npos[s] - 1)]
+    val_rows = pos_rows[ok & (rank == npos[s] - 2)]
+    cut = np.full(len(npos), n, dtype=np.int64)
+    cut[seq[val_rows]] = val_rows
+    roles[np.arange(n) >= cut[seq]] = HELD_OUT
+    roles[val_rows] = VALID
+    roles[test_rows] = TEST
+    return roles, {SHORT_REASON: npos[seq] < 3}
+
+
 def leave_last_out(
     seq: np.ndarray, positive: np.ndarray, report: DataReport | None = None
 ) -> np.ndarray:
@@ -80,23 +111,60 @@ def leave_last_out(
     Returns:
         Role per row (:data:`TRAIN`, :data:`VALID`, :data:`TEST`, :data:`HELD_OUT`), int8.
     """
-    n = len(seq)
-    roles = np.full(n, TRAIN, dtype=np.int8)
-    if n == 0:
-        return roles
-    pos_rows, rank, npos = _positive_rank(seq, positive)
-    s = seq[pos_rows]
-    ok = npos[s] >= 3
-    test_rows = pos_rows[ok & (rank == npos[s] - 1)]
-    val_rows = pos_rows[ok & (rank == npos[s] - 2)]
-    cut = np.full(len(npos), n, dtype=np.int64)
-    cut[seq[val_rows]] = val_rows
-    roles[np.arange(n) >= cut[seq]] = HELD_OUT
-    roles[val_rows] = VALID
-    roles[test_rows] = TEST
-    if report is not None:
-        report.count(SHORT_REASON, int(np.bincount(seq)[npos < 3].sum()))
+    roles, flags = _leave_last_out(seq, positive)
+    _count(report, flags)
     return roles
+
+
+def _without_history(seq: np.ndarray, positive: np.ndarray, roles: np.ndarray) -> np.ndarray:
+    """Validation / test targets without any earlier positive in their sequence."""
+    off = _starts(seq)
+    targets = np.flatnonzero((roles == VALID) | (roles == TEST))
+    pos_before = np.cumsum(positive) - positive  # positives strictly before each row
+    seq_pos_before = pos_before[targets] - pos_before[off[seq[targets]]]
+    empty = np.zeros(len(seq), dtype=bool)
+    empty[targets[seq_pos_before == 0]] = True
+    return empty
+
+
+def _time_split(
+    seq: np.ndarray,
+    positive: np.ndarray,
+    timestamp: np.ndarray,
+    val_cutoff: int,
+    test_cutoff: int,
+    by_session: bool,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Roles of :func:`time_split` and the rows flagged per report reason."""
+    n = len(seq)
+    roles = np.full(n, HELD_OUT, dtype=np.int8)
+    if n == 0:
+        return roles, {}
+    off = _starts(seq)
+    if by_session:
+        start_ts = timestamp[off[:-1]]  # [S]
+        part = np.where(start_ts < val_cutoff, TRAIN, np.where(start_ts < test_cutoff, VALID, TEST))
+        row_part = part[seq]
+        roles[row_part == TRAIN] = TRAIN
+        pos_rows, rank, npos = _positive_rank(seq, positive)
+        s = seq[pos_rows]
+        last = pos_rows[(rank == npos[s] - 1) & (npos[s] >= 2) & (part[s] != TRAIN)]
+        roles[last] = row_part[last]
+        short = (part != TRAIN) & (npos < 2)
+        return roles, {SHORT_SESSION_REASON: short[seq]}
+    roles[timestamp < val_cutoff] = TRAIN
+    for role, lo, hi in ((VALID, val_cutoff, test_cutoff), (TEST, test_cutoff, None)):
+        cand = positive & (timestamp >= lo)
+        if hi is not None:
+            cand &= timestamp < hi
+        rows = np.flatnonzero(cand)  # seq is non-decreasing: first row of each run
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = seq[rows][1:] != seq[rows][:-1]
+        roles[rows[first]] = role
+    # A target needs at least one positive before it in its sequence.
+    empty = _without_history(seq, positive, roles)
+    roles[empty] = HELD_OUT
+    return roles, {NO_HISTORY_REASON: empty}
 
 
 def time_split(
@@ -122,42 +190,66 @@ def time_split(
     Returns:
         Role per row, int8.
     """
-    n = len(seq)
-    roles = np.full(n, HELD_OUT, dtype=np.int8)
-    if n == 0:
-        return roles
-    off = _starts(seq)
-    if by_session:
-        start_ts = timestamp[off[:-1]]  # [S]
-        part = np.where(start_ts < val_cutoff, TRAIN, np.where(start_ts < test_cutoff, VALID, TEST))
-        row_part = part[seq]
-        roles[row_part == TRAIN] = TRAIN
-        pos_rows, rank, npos = _positive_rank(seq, positive)
-        s = seq[pos_rows]
-        last = pos_rows[(rank == npos[s] - 1) & (npos[s] >= 2) & (part[s] != TRAIN)]
-        roles[last] = row_part[last]
-        if report is not None:
-            short = (part != TRAIN) & (npos < 2)
-            report.count(SHORT_SESSION_REASON, int(np.diff(off)[short].sum()))
-        return roles
-    roles[timestamp < val_cutoff] = TRAIN
-    for role, lo, hi in ((VALID, val_cutoff, test_cutoff), (TEST, test_cutoff, None)):
-        cand = positive & (timestamp >= lo)
-        if hi is not None:
-            cand &= timestamp < hi
-        rows = np.flatnonzero(cand)  # seq is non-decreasing: first row of each run
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = seq[rows][1:] != seq[rows][:-1]
-        roles[rows[first]] = role
-    # A target needs at least one positive before it in its sequence.
-    targets = np.flatnonzero((roles == VALID) | (roles == TEST))
-    pos_before = np.cumsum(positive) - positive  # positives strictly before each row
-    seq_pos_before = pos_before[targets] - pos_before[off[seq[targets]]]
-    empty = targets[seq_pos_before == 0]
-    roles[empty] = HELD_OUT
-    if report is not None:
-        report.count(NO_HISTORY_REASON, len(empty))
+    roles, flags = _time_split(seq, positive, timestamp, val_cutoff, test_cutoff, by_session)
+    _count(report, flags)
     return roles
+
+
+def split_events(
+    ev: Events,
+    sequence_by: str,
+    cutoffs: tuple[int, int] | None = None,
+    k: int = 0,
+    report: DataReport | None = None,
+) -> tuple[Events, np.ndarray, np.ndarray]:
+    """Split sessionized events, then k-core filter them counting training rows only.
+
+    The roles come first, from all rows: leave-last-out (``cutoffs=None``) or the time split
+    (``cutoffs = (val_cutoff, test_cutoff)``). The k-core filter (:func:`kcore_keep`) then
+    counts the training rows alone, so no play of the validation or test period, and no
+    held-out play of a leave-last-out sequence, decides which users and tracks survive: a
+    track popular only after the cut does not enter the vocabulary through its later plays.
+    The roles of the kept rows do not change; validation and test rows are removed only with
+    their whole owner (user, or session without a user) when the filter removes it, so a
+    target whose track fell out of the core stays and counts as a cold target (a miss). A
+    target left without any earlier positive is held out and counted.
+
+    Args:
+        ev: Sessionized (and deduplicated) events, in sequence order.
+        sequence_by: ``"user"`` or ``"session"``.
+        cutoffs: Unix seconds of the validation and test cut-offs; None for leave-last-out.
+        k: Minimum training rows per owner and per track (``k <= 1``: no filter).
+        report: Receives the k-core drops and the split's flagged rows.
+
+    Returns:
+        ``(events kept, sequence number per row, role per row)``.
+    """
+    seq = sequence_ids(ev.user if sequence_by == "user" else ev.session)
+    if cutoffs is None:
+        roles, flags = _leave_last_out(seq, ev.positive)
+    else:
+        roles, flags = _time_split(
+            seq,
+            ev.positive,
+            ev.timestamp,
+            cutoffs[0],
+            cutoffs[1],
+            by_session=sequence_by == "session",
+        )
+    if k > 1 and len(ev):
+        keep = kcore_keep(ev, k, roles == TRAIN)
+        if report is not None:
+            report.drop(kcore_reason(k), int((~keep).sum()))
+        if not keep.all():
+            ev = renumber_sessions(ev.take(keep))
+            roles = roles[keep]
+            flags = {reason: mask[keep] for reason, mask in flags.items()}
+            seq = sequence_ids(ev.user if sequence_by == "user" else ev.session)
+            empty = _without_history(seq, ev.positive, roles)
+            roles[empty] = HELD_OUT
+            flags[NO_HISTORY_REASON] = flags.get(NO_HISTORY_REASON, empty) | empty
+    _count(report, flags)
+    return ev, seq, roles
 
 
 def _ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
