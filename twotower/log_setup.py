@@ -1,0 +1,53 @@
+"""The one logging setup of every command: our messages shown, third-party noise hidden.
+
+At the default verbosity the ``twotower`` logger prints INFO and above; FAISS's loader
+("Could not load library with AVX512 support ... ModuleNotFoundError"), Lightning's info
+messages (device banners, the "💡 Tip" advertisements for litlogger/litmodels, "Seed set to")
+only warnings and above; and the known-harmless Python warnings (torch's ``LeafSpec``
+deprecation raised inside Lightning, LightningCLI's "args parameter" warning for arguments we
+pass on purpose) are ignored. ``-v`` shows all of it; ``-vv`` adds DEBUG.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: Loggers of libraries whose INFO messages are noise at the default verbosity.
+NOISY_LOGGERS = ("faiss", "pytorch_lightning", "lightning_fabric", "lightning", "torch")
+#: ``(message regex, category)`` of Python warnings hidden at the default verbosity.
+QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
+    (r"LightningCLI's args parameter", UserWarning),
+)
+
+
+def setup_logging(verbose: int = 0) -> None:
+    """Configure logging and warnings for a command line run.
+
+    Call before importing FAISS or Lightning (they log while being imported).
+
+    Args:
+        verbose: 0: our INFO messages, third-party warnings only; 1 (``-v``): third-party INFO
+            messages and every warning as well; 2 (``-vv``): DEBUG.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("twotower").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.NOTSET if verbose else logging.WARNING)
+        # Lightning gives its logger a handler of its own when the root had none at import
+        logger.propagate = True
+        for h in list(logger.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                logger.removeHandler(h)
+    for message, category in QUIET_WARNINGS:
+        if verbose:
+            warnings.filterwarnings("default", message=message, category=category)
+        else:
+            warnings.filterwarnings("ignore", message=message, category=category)
