@@ -67,6 +67,24 @@ function trackItem(t, opts = {}) {
   return li;
 }
 
+// A listening history (oldest first, the last `tracks.length` of `total` plays) rendered
+// newest first: the plays that matter for the next track are on top, the latest one marked.
+function renderHistory(ol, tracks, total) {
+  clear(ol);
+  const first = total - tracks.length + 1;  // play number of tracks[0]
+  for (let i = tracks.length - 1; i >= 0; i--) {
+    const li = trackItem(tracks[i]);
+    li.dataset.play = String(first + i);
+    if (i === tracks.length - 1) {
+      li.classList.add("latest");
+      li.title = "most recent play";
+      li.appendChild(el("span", "latest-badge", "latest"));
+    }
+    ol.appendChild(li);
+  }
+  ol.scrollTop = 0;
+}
+
 async function showHealth() {
   try {
     const h = await api("/healthz");
@@ -104,6 +122,7 @@ function demoPage() {
       li.appendChild(rm);
       ol.appendChild(li);
     });
+    ol.scrollTop = ol.scrollHeight;  // the session grows at the end: keep the newest in view
     $("session-empty").hidden = session.length > 0;
   }
 
@@ -158,53 +177,100 @@ function demoPage() {
   });
   $("clear").addEventListener("click", () => { session.length = 0; renderSession(); refreshRecs(); });
 
-  // Listener view
+  // Listener view: one page of PAGE listeners at a time in a scroll box, filtered in place;
+  // Enter in the filter opens any listener by its exact id.
+  const PAGE = 50;
   let listenersLoaded = false;
+  let offset = 0;
+  let total = 0;
+  let pageSeq = 0;
+  let listenerSeq = 0;
   let current = null;
+  const historyLength = new Map();  // id -> plays, from the listing (the detail is capped)
 
   function showTab(name) {
     $("view-session").hidden = name !== "session";
     $("view-listener").hidden = name !== "listener";
     $("tab-session").classList.toggle("active", name === "session");
     $("tab-listener").classList.toggle("active", name === "listener");
-    if (name === "listener" && !listenersLoaded) loadListeners();
+    if (name === "listener" && !listenersLoaded) loadListeners(0);
   }
 
-  async function loadListeners() {
+  async function loadListeners(start) {
     listenersLoaded = true;
-    const res = await api("/listeners?limit=200");
-    const ol = $("listeners");
-    clear(ol);
-    if (res.total === 0) {
-      $("listeners-info").textContent = res.message || "No held-out listeners in this artifact.";
+    const seq = ++pageSeq;
+    let res;
+    try {
+      res = await api(`/listeners?limit=${PAGE}&offset=${start}`);
+    } catch (e) {
+      $("listeners-info").textContent = `Listeners unavailable: ${e.message}`;
       return;
     }
-    $("listeners-info").textContent = `${res.total} held-out listeners` +
-      (res.total > res.listeners.length ? ` (first ${res.listeners.length} shown)` : "");
+    if (seq !== pageSeq) return;
+    const ol = $("listeners");
+    clear(ol);
+    total = res.total;
+    offset = start;
+    $("listeners-count").textContent = total ? `(${total.toLocaleString()})` : "";
+    if (total === 0) {
+      $("listeners-info").textContent = res.message || "No held-out listeners in this artifact.";
+      $("listener-filter").hidden = true;
+      $("listeners-page").textContent = "";
+      return;
+    }
+    $("listeners-info").textContent = "";
     res.listeners.forEach((l) => {
       const li = el("li", "track clickable listener");
       li.dataset.listenerId = l.id;
+      historyLength.set(l.id, l.history_length);
+      li.dataset.search = `${l.id} ${l.target.title || ""} ${l.target.track_id}`.toLowerCase();
       li.tabIndex = 0;
+      if (current && current.id === l.id) li.classList.add("selected");
       const text = el("div", "track-text");
       text.appendChild(el("span", "title", l.id));
       text.appendChild(el("span", "sub", `${l.history_length} plays · next: ${l.target.title || l.target.track_id}`));
       li.appendChild(text);
-      li.addEventListener("click", () => loadListener(l.id, li));
+      li.addEventListener("click", () => loadListener(l.id));
+      li.addEventListener("keydown", (e) => { if (e.key === "Enter") loadListener(l.id); });
       ol.appendChild(li);
     });
+    ol.scrollTop = 0;
+    const last = offset + res.listeners.length;
+    $("listeners-page").textContent = `${(offset + 1).toLocaleString()}–${last.toLocaleString()} of ${total.toLocaleString()}`;
+    $("listeners-prev").disabled = offset === 0;
+    $("listeners-next").disabled = last >= total;
+    filterListeners();
   }
 
-  async function loadListener(id, li) {
-    document.querySelectorAll("#listeners li").forEach((n) => n.classList.remove("selected"));
-    if (li) li.classList.add("selected");
-    const res = await api(`/listeners/${encodeURIComponent(id)}?k=10`);
+  function filterListeners() {
+    const q = $("listener-filter").value.trim().toLowerCase();
+    let shown = 0;
+    document.querySelectorAll("#listeners li").forEach((li) => {
+      li.hidden = q !== "" && !li.dataset.search.includes(q);
+      if (!li.hidden) shown += 1;
+    });
+    $("listeners-info").textContent = q && !shown
+      ? "No match on this page; press Enter to open that listener id." : "";
+  }
+
+  async function loadListener(id) {
+    const seq = ++listenerSeq;
+    let res;
+    try {
+      res = await api(`/listeners/${encodeURIComponent(id)}?k=10`);
+    } catch (e) {
+      if (seq === listenerSeq) $("listeners-info").textContent = e.message;
+      return;
+    }
+    if (seq !== listenerSeq) return;  // a later click superseded this one
     current = res;
-    const hist = $("listener-history");
-    clear(hist);
-    const shown = res.history.slice(-20);
-    shown.forEach((t) => hist.appendChild(trackItem(t)));
-    $("listener-info").textContent = res.history.length > shown.length
-      ? `last ${shown.length} of ${res.history.length} plays` : `${res.history.length} plays`;
+    document.querySelectorAll("#listeners li").forEach((n) =>
+      n.classList.toggle("selected", n.dataset.listenerId === res.id));
+    const shown = res.history;
+    const plays = Math.max(historyLength.get(res.id) || 0, shown.length);
+    renderHistory($("listener-history"), shown, plays);
+    $("listener-info").textContent = plays > shown.length
+      ? `${res.id}: last ${shown.length} of ${plays} plays` : `${res.id}: ${plays} plays`;
     $("listener-to-session").hidden = false;
     const target = res.target;
     const name = target.title ? `${target.title}${target.artist ? " — " + target.artist : ""}` : target.track_id;
@@ -219,6 +285,14 @@ function demoPage() {
     res.recommendations.forEach((t) =>
       ol.appendChild(trackItem(t, { highlight: t.track_id === target.track_id })));
   }
+
+  $("listener-filter").addEventListener("input", filterListeners);
+  $("listener-filter").addEventListener("keydown", (e) => {
+    const q = $("listener-filter").value.trim();
+    if (e.key === "Enter" && q) loadListener(q);
+  });
+  $("listeners-prev").addEventListener("click", () => loadListeners(Math.max(0, offset - PAGE)));
+  $("listeners-next").addEventListener("click", () => loadListeners(offset + PAGE));
 
   $("listener-to-session").addEventListener("click", () => {
     if (!current) return;
@@ -243,6 +317,8 @@ function reviewPage() {
   let reportSeq = 0;
 
   const reviewer = () => $("reviewer").value.trim();
+  // the server refuses an empty name: no name, no parameter (progress of nobody)
+  const asReviewer = (who) => (who ? `?reviewer=${encodeURIComponent(who)}` : "");
 
   function message(text) {
     $("review-msg").textContent = text || "";
@@ -250,7 +326,7 @@ function reviewPage() {
   }
 
   async function loadItems() {
-    const res = await api(`/review/items?reviewer=${encodeURIComponent(reviewer())}`);
+    const res = await api(`/review/items${asReviewer(reviewer())}`);
     items = res.items;
     k = res.k;
     const sel = $("item-select");
@@ -276,13 +352,12 @@ function reviewPage() {
     const id = items[index].id;
     const who = reviewer();
     const seq = ++itemSeq;
-    const res = await api(`/review/items/${encodeURIComponent(id)}?reviewer=${encodeURIComponent(who)}`);
+    const res = await api(`/review/items/${encodeURIComponent(id)}${asReviewer(who)}`);
     if (seq !== itemSeq) return;  // a later request superseded this one
-    const hist = $("history");
-    clear(hist);
-    res.history.forEach((t) => hist.appendChild(trackItem(t)));
-    $("history-len").textContent = res.history_length > res.history.length
-      ? `(last ${res.history.length} of ${res.history_length})` : `(${res.history_length} plays)`;
+    renderHistory($("history"), res.history, res.history_length);
+    $("history-len").textContent = (res.history_length > res.history.length
+      ? `last ${res.history.length} of ${res.history_length}` : `${res.history_length} plays`) +
+      " · newest first";
     for (const name of ["A", "B"]) {
       const ol = $(`list-${name}`);
       clear(ol);
