@@ -205,3 +205,28 @@ def test_negatives_at_or_above_catalogue_switch_to_full_softmax(caplog):
 def test_kcore_off_changes_nothing(tmp_path, k):
     data = prepare_data(_time_cfg(_csv(tmp_path, _time_log(3)), k=k))
     assert "hot" in data.item_vocab.ids and "k-core filter (k=1)" not in data.report.dropped
+
+
+def test_sessions_without_listeners_keep_their_evaluation_sessions(tmp_path):
+    # no user ids: owners are sessions; validation / test sessions have no training row, so
+    # they are outside the filter (counting their own plays would be the leak)
+    rows = []
+    for s in range(4):
+        rows += [(f"s{s}", t, JAN + s * DAY + i * 60) for i, t in enumerate("abab")]
+    rows += [("v0", "a", FEB), ("v0", "hot", FEB + 60), ("t0", "b", MAR), ("t0", "hot", MAR + 60)]
+    p = tmp_path / "sessions.csv"
+    pd.DataFrame(rows, columns=["session_id", "track_id", "timestamp"]).to_csv(p, index=False)
+    cfg = DataConfig(
+        format="csv",
+        path=str(p),
+        split="time",
+        val_cutoff="2020-02-01",
+        test_cutoff="2020-03-01",
+        kcore=2,
+        cache_dir=None,
+    )
+    data = prepare_data(cfg)
+    assert data.params["sequence_by"] == "session"
+    assert len(data.valid) == len(data.test) == 1
+    assert (data.test.targets == 1).all() and "hot" not in data.item_vocab.ids
+    assert "k-core filter (k=2)" not in data.report.dropped  # every training row has k plays
