@@ -94,17 +94,13 @@ class Batcher(Generic[Job, Result]):
         self._name = name
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._closed = False
 
     async def submit(self, job: Job) -> Result:
         """Queue ``job`` and wait for its result (or its exception).
 
         Raises:
-            RuntimeError: The batcher was closed.
             Exception: Whatever ``run`` raised for this job alone.
         """
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
         self._start()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -112,21 +108,27 @@ class Batcher(Generic[Job, Result]):
         return await future
 
     def close(self, timeout: float = 5.0) -> None:
-        """Answer what is queued, then stop the thread."""
-        self._closed = True
+        """Answer what is queued, then stop the thread (a later ``submit`` starts a new one).
+
+        The app's shutdown calls it; an app started again (a test client's second
+        ``with``) keeps batching.
+        """
         with self._lock:
-            thread = self._thread
-        if thread is not None and thread.is_alive():
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
             self._queue.put(_STOP)
-            thread.join(timeout)
+        thread.join(timeout)
+        if not self._queue.empty():  # submitted while it stopped: nobody would answer them
+            self._start()
 
     # -- the background thread -----------------------------------------------------------------
 
     def _start(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
 
