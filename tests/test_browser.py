@@ -562,3 +562,15 @@ def test_layout_review(driver, crowded: dict, crowded_url: str, shot_dir: Path, 
         _check_layout(drv, view)
         _full_shot(drv, shot_dir / f"review-{view}.png")
     assert _console_errors(drv) == []
+
+
+def test_api_page_no_console_errors(driver, base_url: str) -> None:
+    """The API reference page loads without console errors (its favicon included)."""
+    from selenium.webdriver.common.by import By
+
+    drv = driver
+    _console_errors(drv)
+    drv.get(base_url + "/docs")
+    _wait(drv, lambda d: "/recommend" in d.find_element(By.TAG_NAME, "table").text)
+    time.sleep(0.3)  # the favicon is fetched after the load event
+    assert _console_errors(drv) == []

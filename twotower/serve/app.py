@@ -721,6 +721,7 @@ def _docs_html(spec: dict) -> str:
             )
     return (
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>twotower API</title>"
+        '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">'
         '<link rel="stylesheet" href="/static/style.css"></head><body><main>'
         "<h1>twotower API</h1><p>The full machine-readable description is "
         '<a href="/openapi.json">/openapi.json</a>.</p><table class="docs">'
