@@ -39,7 +39,7 @@ from twotower.data.sessions import (
     sessionize_events,
 )
 from twotower.data.sources import load_source
-from twotower.data.vocab import OOV, PAD, Vocab
+from twotower.ids import OOV, PAD, Vocab
 
 log = logging.getLogger("twotower")
 
