@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from twotower.baselines import fit_baselines  # noqa: E402
-from twotower.data.pipeline import DataConfig, load_data_config, prepare_data  # noqa: E402
+from twotower.config import load_data_config  # noqa: E402
+from twotower.data.pipeline import DataConfig, prepare_data  # noqa: E402
 from twotower.data.prepared import EvalSet, PreparedData  # noqa: E402
 from twotower.data.synthetic import (  # noqa: E402
     generate,

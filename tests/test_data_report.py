@@ -42,7 +42,10 @@ def test_cli_data_report_tiny(tmp_path, capsys, monkeypatch):
     _accounting(rep)
     # the default cache dir, relative to the working directory; second run hits it
     assert any((tmp_path / ".cache" / "twotower").iterdir())
-    assert main(["data-report", "--config", cfg, "--set", "data.max_history=5"]) == 0
+    assert main(["data-report", "--config", cfg, "--data.max_history", "5"]) == 0
+    assert len(list((tmp_path / ".cache" / "twotower").iterdir())) == 2
+    # --set stays an alias of --KEY=VALUE (a key without a section is a data option)
+    assert main(["data-report", "--config", cfg, "--set", "max_history=5"]) == 0
     assert len(list((tmp_path / ".cache" / "twotower").iterdir())) == 2
 
 
@@ -50,7 +53,7 @@ def test_cli_data_report_bad_config(tmp_path, capsys):
     cfg = _yaml(tmp_path, "data:\n  format: synthetic\n  sesion_gap: 3\n")
     assert main(["data-report", "--config", cfg]) == 2
     err = capsys.readouterr().err
-    assert "cfg.yaml: unknown data option 'sesion_gap'" in err
+    assert "cfg.yaml: unknown key 'data.sesion_gap'" in err
     cfg = _yaml(tmp_path, "data: {format: nope, cache_dir: null}\n", "b.yaml")
     assert main(["data-report", "--config", cfg]) == 2
     assert "unknown data format 'nope'" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def test_bias_needs_a_spare_coordinate() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    from twotower.data.pipeline import load_data_config, prepare_data
+    from twotower.config import load_data_config
+    from twotower.data.pipeline import prepare_data
     from twotower.model.module import TwoTowerModule
 
     root = tmp_path_factory.mktemp("bias")

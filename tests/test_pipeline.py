@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from twotower.config import ConfigError, load_data_config
 from twotower.data import pipeline
 from twotower.data.pipeline import (
     COLD_TARGET_REASON,
     RANDOM_HOLDOUT_NOTE,
     DataConfig,
     cache_path,
-    load_data_config,
     popularity_stats,
     prepare_data,
 )
@@ -361,29 +361,21 @@ def test_load_data_config_flat_class_path_and_overrides(tmp_path):
 def test_load_data_config_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  fromat: csv\n")
-    with pytest.raises(DataError, match=r"bad.yaml: unknown data option 'fromat'"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'data.fromat'"):
         load_data_config([str(bad)], {})
     good = tmp_path / "good.yaml"
     good.write_text("data: {format: csv}\n")
-    with pytest.raises(DataError, match="unknown data option"):
+    with pytest.raises(ConfigError, match="command line: unknown key 'data.nope'"):
         load_data_config([str(good)], {"nope": "1"})
     with pytest.raises(FileNotFoundError):
         load_data_config([str(tmp_path / "missing.yaml")], {})
 
 
-def test_datamodule_only_keys_are_not_data_config_fields():
+def test_datamodule_keys_are_read_and_left_out_of_the_data_config():
+    """Batch sizes, window, the streaming module's buckets: DataModule keys, not DataConfig's."""
     names = {f.name for f in fields(DataConfig)}
-    keys = pipeline.datamodule_only_keys()
-    assert not names & keys
-    assert {"batch_size", "window", "window_stride", "num_buckets"} <= keys
-
-
-@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_shipped_config_has_a_readable_data_section(config):
-    """data-report, pipeline, compare and drift read configs through load_data_config: every
-    shipped config must pass (configs/movielens-100k.yaml's window_stride once did not)."""
-    cfg = load_data_config([str(REPO / "configs" / config)], {})
-    assert cfg.format
+    cfg = load_data_config([], {"batch_size": 7, "window": 9, "window_stride": 3, "kcore": 2})
+    assert cfg.kcore == 2 and not {"batch_size", "window", "window_stride"} & names
 
 
 def test_no_leakage_on_synthetic_leave_last_out():

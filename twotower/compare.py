@@ -670,7 +670,8 @@ def compare_runs(
         FileNotFoundError: A or B is not a run, artifact or checkpoint.
         ValueError: No data configuration, or an empty split.
     """
-    from twotower.data.pipeline import load_data_config, prepare_data
+    from twotower.config import data_config_with, load_data_config
+    from twotower.data.pipeline import prepare_data
 
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
@@ -679,9 +680,12 @@ def compare_runs(
         side_a.name, side_b.name = f"A:{side_a.name}", f"B:{side_b.name}"
     notes = []
     if data_config:
-        cfg = load_data_config([str(p) for p in data_config], dict(overrides or {}))
+        cfg = load_data_config([str(p) for p in data_config], overrides)
     else:
         cfg = data_config_of(side_a)
+        if overrides:
+            cfg = data_config_with(cfg, overrides)
+            notes.append(f"queries from A's data with {', '.join(overrides)}")
     data = prepare_data(cfg)
     if data_config:
         notes.append(f"queries from --data-config {', '.join(str(p) for p in data_config)}")
@@ -697,22 +701,19 @@ def compare_runs(
 
 def compare_main(args: argparse.Namespace) -> int:
     """What ``twotower compare`` runs: print Markdown, optionally write JSON and a PNG."""
+    from twotower.config import ConfigArgs, warn_unused
     from twotower.evaluate import parse_ks
 
-    overrides = {}
-    for pair in args.set or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        overrides[k.removeprefix("data.")] = v
+    config_args = getattr(args, "config_args", None) or ConfigArgs()
+    warn_unused(config_args, "compare")
     report = compare_runs(
         args.run_a,
         args.run_b,
         split=args.split,
         ks=parse_ks(args.ks),
         bootstrap=int(args.bootstrap),
-        data_config=args.data_config,
-        overrides=overrides,
+        data_config=config_args.files or None,
+        overrides=config_args.overrides,
     )
     text = report.to_markdown()
     print(text)

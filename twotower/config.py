@@ -257,7 +257,7 @@ def parse_config(
     try:
         ns = parser.parse_args(argv)
     except (Exception, SystemExit) as e:  # jsonargparse raises ArgumentError (or exits)
-        raise ConfigError(_clear_message(str(e), [str(f) for f in files])) from None
+        raise ConfigError(_clear_message(str(e), [str(f) for f in files], over)) from None
     if ns.get("data") is None:
         raise ConfigError("the config has no data section")
     return ns
@@ -321,13 +321,27 @@ def _accepted(section: str, class_path: str | None = None) -> list[str]:
     return sorted(keys)
 
 
-def _clear_message(message: str, files: Sequence[str]) -> str:
+def _where(key: str, files: Sequence[str], overrides: Mapping[str, Any]) -> str:
+    """``command line`` when an override sets ``key``, else the config file that does."""
+    if key in overrides or key.replace(".", ".init_args.", 1) in overrides:
+        return "command line"
+    return _file_with_key(files, key) or "command line"
+
+
+def _clear_message(message: str, files: Sequence[str], overrides: Mapping[str, Any]) -> str:
     key = _unknown_key(message)
     if key is None:
-        first = " ".join(line.strip() for line in message.strip().splitlines()[:6])
-        return f"invalid config: {first}"
+        found = re.findall(r'Parser key "([\w.]+)":\s*(.*)', message)
+        if not found:
+            first = " ".join(line.strip() for line in message.strip().splitlines()[:6])
+            return f"invalid config: {first}"
+        name, text = found[-1]
+        if len(found) > 1 and not name.startswith(found[0][0] + "."):
+            name = f"{found[0][0]}.{name}"
+        where = _where(name, files, overrides)
+        return f"{where}: invalid value of {name!r}: {text.strip()}"
     key = key.replace(".init_args.", ".")
-    where = _file_with_key(files, key) or "command line"
+    where = _where(key, files, overrides)
     section = key.rsplit(".", 1)[0] if "." in key else ""
     if section not in CONFIG_SECTIONS:
         return f"{where}: unknown key {key!r}; sections: {', '.join(CONFIG_SECTIONS)}"

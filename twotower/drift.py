@@ -30,7 +30,6 @@ so a scheduler can act on it. With ``--log-dir`` the numbers are also TensorBoar
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
@@ -511,22 +510,6 @@ def _artifact_dir(reference: str | Path) -> Path:
     )
 
 
-def _apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    import yaml
-
-    out = dict(values)
-    for key, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        if isinstance(value, dt.date):  # YAML reads 2023-03-01 as a date
-            value = value.isoformat()
-        name, _, sub = key.removeprefix("data.").partition(".")
-        if sub:
-            out[name] = {**(out.get(name) or {}), sub: value}
-        else:
-            out[name] = value
-    return out
-
-
 def new_batch_config(
     new: Any, reference_cfg: Any, fmt: str | None = None, overrides: dict[str, Any] | None = None
 ) -> Any:
@@ -540,11 +523,12 @@ def new_batch_config(
         fmt: Format of ``new`` (default: the reference's).
         overrides: Data option overrides (``options.seed=3``, ``session_gap_minutes=20``).
     """
-    from twotower.data.pipeline import DataConfig, load_data_config
+    from twotower.config import data_config_with, load_data_config
+    from twotower.data.pipeline import DataConfig
 
     overrides = dict(overrides or {})
     if isinstance(new, DataConfig):
-        return DataConfig(**_apply_overrides(asdict(new), overrides)) if overrides else new
+        return data_config_with(new, overrides) if overrides else new
     if new is not None and str(new).endswith((".yaml", ".yml")):
         return load_data_config([str(new)], overrides)
     values = asdict(reference_cfg)
@@ -553,7 +537,7 @@ def new_batch_config(
     if new is None and values["format"] != "synthetic":
         raise ValueError("--data is required unless --format synthetic")
     values["path"] = None if new is None else str(new)
-    return DataConfig(**_apply_overrides(values, overrides))
+    return data_config_with(values, overrides)
 
 
 def _model_metric(side: Any, queries: Any, filter_seen: bool) -> dict[str, Any]:
@@ -672,16 +656,19 @@ def add_threshold_args(parser: argparse.ArgumentParser) -> None:
 
 def drift_main(args: argparse.Namespace) -> int:
     """What ``twotower drift`` runs: print the report; exit 3 when a threshold is crossed."""
+    from twotower.config import ConfigArgs, load_data_config, warn_unused
+
     thresholds = DriftThresholds(**{f.name: getattr(args, f.name) for f in fields(DriftThresholds)})
-    overrides = {}
-    for pair in args.set or []:
-        if "=" not in pair:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        overrides[k] = v
+    config_args = getattr(args, "config_args", None) or ConfigArgs()
+    warn_unused(config_args, "drift")
+    new, overrides = args.data, dict(config_args.overrides)
+    if config_args.files:
+        if args.data:
+            raise ValueError("give the new batch as --data or as --config, not both")
+        new, overrides = load_data_config(config_args.files, overrides), {}
     report = drift_report(
         args.reference,
-        args.data,
+        new,
         thresholds=thresholds,
         fmt=args.format,
         overrides=overrides,

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -485,8 +485,12 @@ def evaluate_checkpoint(
     baselines: bool | Sequence[str] = False,
     bootstrap: int = 1000,
     seed: int = 0,
+    data_args: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> EvalTable:
     """Rebuild the data module and the model from a Lightning checkpoint and evaluate them.
+
+    ``data_args`` maps the checkpoint's DataModule arguments to the ones to evaluate on
+    (``twotower evaluate --data.path P``: the same data moved elsewhere).
 
     The checkpoint is read with ``weights_only=True`` (no pickle); its
     ``datamodule_hyper_parameters`` rebuild the :class:`SessionDataModule`, whose cached
@@ -518,7 +522,10 @@ def evaluate_checkpoint(
         raise ValueError(
             f"{path}: no 'datamodule_hyper_parameters' (was it written by twotower's train.py?)"
         )
-    datamodule = SessionDataModule(**_init_kwargs(SessionDataModule, dict(dm_hparams)))
+    dm_args = _init_kwargs(SessionDataModule, dict(dm_hparams))
+    if data_args is not None:
+        dm_args = data_args(dm_args)
+    datamodule = SessionDataModule(**dm_args)
     data = datamodule.data if getattr(datamodule, "data", None) is not None else None
     if data is None:
         datamodule.prepare_data()
@@ -573,8 +580,23 @@ def parse_ks(text: str) -> tuple[int, ...]:
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    """What ``twotower evaluate`` runs: print the table, optionally write JSON."""
+    """What ``twotower evaluate`` runs: print the table, optionally write JSON.
+
+    Config options (``--config``, ``--data.KEY``) change the checkpoint's data options, read
+    as ``train.py`` reads them (:func:`twotower.config.parse_on_data`).
+    """
     filter_seen = {"auto": None, "yes": True, "no": False}[args.filter_seen]
+    config_args = getattr(args, "config_args", None)
+    data_args = None
+    if config_args is not None and config_args.given:
+        from twotower.config import data_section, parse_on_data, warn_unused
+
+        warn_unused(config_args, "evaluate")
+
+        def data_args(ckpt_args: dict[str, Any]) -> dict[str, Any]:
+            ns = parse_on_data(ckpt_args, config_args.files, config_args.overrides)
+            return data_section(ns)[1]
+
     table = evaluate_checkpoint(
         args.checkpoint,
         split=args.split,
@@ -582,6 +604,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
         filter_seen=filter_seen,
         baselines=bool(args.baselines),
         bootstrap=int(args.bootstrap),
+        data_args=data_args,
     )
     print(table.to_markdown())
     if args.json:

@@ -4,8 +4,9 @@ At the default verbosity the ``twotower`` logger prints INFO and above; FAISS's 
 ("Could not load library with AVX512 support ... ModuleNotFoundError"), Lightning's info
 messages (device banners, the "💡 Tip" advertisements for litlogger/litmodels, "Seed set to")
 only warnings and above; and the known-harmless Python warnings (torch's ``LeafSpec``
-deprecation raised inside Lightning, LightningCLI's "args parameter" warning for arguments we
-pass on purpose) are ignored. ``-v`` shows all of it; ``-vv`` adds DEBUG.
+deprecation raised inside Lightning, jsonargparse's ``skip_none`` one raised by LightningCLI,
+LightningCLI's "args parameter" warning for arguments we pass on purpose) are ignored.
+``-v`` shows all of it; ``-vv`` adds DEBUG.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ NOISY_LOGGERS = ("faiss", "pytorch_lightning", "lightning_fabric", "lightning", 
 QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
     (r"LightningCLI's args parameter", UserWarning),
+    (r"skip_none parameter was deprecated", Warning),  # jsonargparse, from Lightning's code
 )
 
 

@@ -40,21 +40,9 @@ import pandas as pd
 import yaml
 
 from twotower import lineage as lin
+from twotower.config import CONFIG_SECTIONS, normalize_overrides, parse_config  # noqa: F401
 
 log = logging.getLogger("twotower")
-
-#: Top-level keys of a training config; any other ``--set`` key is a data option.
-CONFIG_SECTIONS = (
-    "trainer",
-    "model",
-    "data",
-    "checkpoint",
-    "early_stopping",
-    "lr_monitor",
-    "seed_everything",
-    "optimizer",
-    "lr_scheduler",
-)
 STAGES = ("data", "train", "evaluate", "export", "samples")
 #: Files and folders the pipeline writes; only a folder holding these is replaced by a re-run.
 RUN_FILES = (
@@ -148,29 +136,19 @@ class PipelineResult:
 def split_overrides(
     overrides: Mapping[str, Any] | Sequence[str] | None,
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """``--set`` pairs -> (training overrides with dotted keys, data overrides for the report).
+    """Overrides -> (training overrides with dotted keys, data overrides for the report).
 
-    Keys whose first part is not a config section (:data:`CONFIG_SECTIONS`) are data options,
-    as in ``twotower data-report --set path=...``.
+    Accepts what :func:`twotower.config.normalize_overrides` does: a mapping, ``KEY=VALUE``
+    strings (``--set``) or ``--key=value`` tokens. Keys whose first part is not a config
+    section (:data:`CONFIG_SECTIONS`) are data options.
 
     Raises:
         ValueError: A ``KEY=VALUE`` string without ``=``.
     """
-    pairs: dict[str, Any] = {}
-    if isinstance(overrides, Mapping):
-        pairs = dict(overrides)
-    else:
-        for item in overrides or ():
-            if "=" not in item:
-                raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-            k, v = item.split("=", 1)
-            pairs[k.strip()] = v
     fit_over: dict[str, str] = {}
     data_over: dict[str, str] = {}
-    for key, value in pairs.items():
+    for key, value in normalize_overrides(overrides).items():
         text = value if isinstance(value, str) else json.dumps(value)
-        if key.split(".", 1)[0] not in CONFIG_SECTIONS:
-            key = f"data.{key}"
         fit_over[key] = text
         if key.startswith("data."):
             data_over[key.removeprefix("data.")] = text
@@ -359,8 +337,13 @@ def run_pipeline(
     for p in config_paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"config not found: {p}")
-    run = (Path(out) if out is not None else Path("runs") / Path(config_paths[-1]).stem).resolve()
     fit_over, data_over = split_overrides(overrides)
+    parse_config([str(p) for p in config_paths], fit_over)  # unknown keys fail here, not later
+    root = fit_over.pop("trainer.default_root_dir", None)
+    if root is not None and out is not None and Path(root).resolve() != Path(out).resolve():
+        raise ValueError(f"--trainer.default_root_dir {root} and --out {out} differ; give one")
+    out = out if out is not None else root
+    run = (Path(out) if out is not None else Path("runs") / Path(config_paths[-1]).stem).resolve()
     train_over = train_overrides(run, fit_over)
     _prepare_run_dir(run)
     lineage = lin.new_lineage(config_paths, fit_over, command)
@@ -412,7 +395,8 @@ def _run(
     onnx: bool | None,
     users: bool,
 ) -> PipelineResult:
-    from twotower.data.pipeline import _input_files, cache_path, load_data_config, prepare_data
+    from twotower.config import load_data_config
+    from twotower.data.pipeline import _input_files, cache_path, prepare_data
 
     paths = [str(p) for p in config_paths]
     # 1. data
@@ -624,18 +608,20 @@ def _best_checkpoint(run: Path, trainer: Any) -> Path:
 
 
 def pipeline_main(args: Any) -> int:
-    """What ``twotower pipeline`` runs."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%X")
-    logging.getLogger("twotower").setLevel(logging.INFO)
+    """What ``twotower pipeline`` runs (config files and overrides in ``args.config_args``)."""
+    if logging.getLogger("twotower").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("twotower").setLevel(logging.INFO)
+    config_args = getattr(args, "config_args", None)
+    if config_args is None or not config_args.files:
+        raise ValueError("--config is required")
     baselines: bool | list[str] = not args.no_baselines
     if args.baselines:
         baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     ks = tuple(int(k) for k in args.ks.split(",") if k.strip())
     result = run_pipeline(
-        args.config,
+        config_args.files,
         out=args.out,
-        overrides=args.set,
+        overrides=config_args.overrides,
         baselines=baselines,
         index=args.index,
         sample=args.sample,

@@ -87,8 +87,12 @@ class RunSummary(pl.Callback):
         parts.append(f"logs -> {logs}" if logs else "no logger")
         self._say("; ".join(parts))
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Remember the best value of the monitored metric and its epoch."""
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Remember the best value of the monitored metric and its epoch.
+
+        ``on_validation_end``, as ModelCheckpoint: the module logs the metric in its own
+        ``on_validation_epoch_end``, which runs after the callbacks' hook of that name.
+        """
         if trainer.sanity_checking:
             return
         monitor, mode = self._resolve(trainer)

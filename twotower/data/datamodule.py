@@ -22,54 +22,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from twotower.data.eval_dataset import EvalDataset
 from twotower.data.pipeline import DataConfig, prepare_data
-from twotower.data.prepared import EvalSet, PreparedData, Sequences
-from twotower.query import QuerySpec, left_pad_last  # noqa: F401  (left_pad_last: re-export)
+from twotower.data.prepared import PreparedData
+from twotower.data.windows import build_windows
+from twotower.query import left_pad_last  # noqa: F401  (re-export)
+
+__all__ = ["EvalDataset", "SessionDataModule", "build_windows", "left_pad_last"]
 
 Batch = dict[str, Tensor]
-
-
-def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np.ndarray]:
-    """Training windows of the positive events of every sequence (vectorised).
-
-    Windows end at the last event, then every ``stride`` events backwards. ``stride = window``
-    (or 0) cuts non-overlapping windows; a smaller stride overlaps them, so a target is seen
-    behind ``window / stride`` different amounts of context (augmentation).
-
-    Args:
-        seqs: Training sequences.
-        window: ``L``: inputs per window (each window holds ``L + 1`` items).
-        stride: Events between the ends of consecutive windows, ``1..L`` (0 = ``L``).
-
-    Returns:
-        ``items [W, L+1]`` int64 (0 = pad), ``hours [W, L+1]`` int64 (-1 unknown),
-        ``contexts [W, L+1]`` int64, ``users [W]`` int64.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    stride = stride or window
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in 1..{window} (0 = window), got {stride}")
-    num_seq = len(seqs)
-    seq_of = np.repeat(np.arange(num_seq), seqs.lengths)
-    keep = seqs.positive.astype(bool)
-    items, hours, contexts = seqs.items[keep], seqs.hours[keep], seqs.contexts[keep]
-    seq_of = seq_of[keep]
-    n = np.bincount(seq_of, minlength=num_seq)  # positives per sequence
-    starts = np.cumsum(n) - n
-    per_seq = np.where(n >= 2, (n - 2) // stride + 1, 0)  # ceil((n - 1) / stride) windows
-    w_seq = np.repeat(np.arange(num_seq), per_seq)  # [W]
-    k = np.arange(len(w_seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)  # 0 = latest
-    end = n[w_seq] - 1 - k * stride  # [W] position of the last target in its sequence
-    rel = end[:, None] - window + np.arange(window + 1)[None, :]  # [W, L+1]
-    real = rel >= 0
-    src = starts[w_seq][:, None] + np.maximum(rel, 0)  # [W, L+1]
-    return {
-        "items": np.where(real, items[src], 0).astype(np.int64),
-        "hours": np.where(real, hours[src], -1).astype(np.int64),
-        "contexts": np.where(real, contexts[src], 0).astype(np.int64),
-        "users": seqs.users[w_seq].astype(np.int64),
-    }
 
 
 def _batch_as_is(batch: Batch) -> Batch:
@@ -202,56 +163,6 @@ class WindowDataset(Dataset):
         return {k: v[idx] for k, v in self.tensors.items()}
 
 
-class EvalDataset(Dataset):
-    """Next-item queries of an :class:`EvalSet`, as batches.
-
-    A batch holds ``history [b, L]`` (left-padded), ``users``, ``hours``, ``contexts``,
-    ``targets``, ``rows`` (query index) and, with ``filter_seen``, the seen items of the batch
-    in CSR form: ``seen_values [n]`` and ``seen_offsets [b + 1]``.
-
-    Args:
-        eval_set: Validation or test examples.
-        window: History length ``L``.
-        filter_seen: Include the seen-items CSR.
-    """
-
-    def __init__(self, eval_set: EvalSet, window: int, filter_seen: bool) -> None:
-        self.eval_set = eval_set
-        self.filter_seen = filter_seen
-        # the query contract's builder, with every context field (towers ignore unused ones)
-        spec = QuerySpec(window, users=True, hours=True, contexts=True)
-        self.queries = spec.build_from(eval_set)
-        self.targets = torch.from_numpy(eval_set.targets.astype(np.int64))
-
-    def __len__(self) -> int:
-        return len(self.eval_set)
-
-    def __getitem__(self, i: int) -> Batch:
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        rows = np.asarray(indices, dtype=np.int64)
-        idx = torch.from_numpy(rows)
-        q = self.queries[idx]
-        batch = {
-            "history": q.history,
-            "users": q.users,
-            "hours": q.hours,
-            "contexts": q.contexts,
-            "targets": self.targets[idx],
-            "rows": idx,
-        }
-        if self.filter_seen:
-            off = self.eval_set.seen_offsets
-            lo, hi = off[rows], off[rows + 1]
-            lens = hi - lo
-            within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
-            values = self.eval_set.seen[np.repeat(lo, lens) + within]
-            batch["seen_values"] = torch.from_numpy(values.astype(np.int64))
-            batch["seen_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lens)]))
-        return batch
-
-
 class SessionDataModule(pl.LightningDataModule):
     """Prepared data as Lightning batches.
 
@@ -298,7 +209,7 @@ class SessionDataModule(pl.LightningDataModule):
         dedupe_consecutive: bool = False,
         kcore: int = 0,
         max_history: int = 200,
-        filter_seen: str = "auto",
+        filter_seen: str | bool = "auto",
         cache_dir: str | None = ".cache/twotower",
         seed: int = 0,
         batch_size: int = 128,

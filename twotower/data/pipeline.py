@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
 import hashlib
-import inspect
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
 
 from twotower import __version__
 from twotower.data import splits as sp
@@ -140,103 +137,6 @@ def parse_cutoff(value: str | dt.date) -> int:
     if ts.tzinfo is None:
         ts = ts.tz_localize("UTC")
     return int(ts.timestamp())
-
-
-# ----------------------------------------------------------------------------- config loading
-_FIELD_NAMES = tuple(f.name for f in fields(DataConfig))
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """Make YAML values fit the field: dates -> ISO strings, bools -> on/off, dict checks."""
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()
-    if name == "filter_seen":
-        return _normalise_switch(value)
-    if name in ("columns", "options") and value is not None and not isinstance(value, dict):
-        raise DataError(f"{where}: data.{name} must be a mapping, got {value!r}")
-    if name in ("path", "cache_dir", "val_cutoff", "test_cutoff", "format") and value is not None:
-        return str(value)
-    return value
-
-
-def _data_section(path: str) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from e
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: expected a mapping at the top level")
-    data = doc.get("data") or {}
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: 'data' must be a mapping")
-    if "class_path" in data or "init_args" in data:
-        data = data.get("init_args") or {}
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: 'data.init_args' must be a mapping")
-    return data
-
-
-@functools.cache
-def datamodule_only_keys() -> frozenset[str]:
-    """``data:`` keys of the DataModules that are not preprocessing fields.
-
-    Batch sizes, window, window stride, workers, the streaming module's buckets and chunks, ...
-
-    Read from the constructors, so a new DataModule argument never makes the configs that use
-    it unreadable for ``data-report``, ``pipeline``, ``compare`` or ``drift``.
-    """
-    from twotower.data.datamodule import SessionDataModule
-    from twotower.data.stream_module import StreamingSessionDataModule
-
-    names: set[str] = set()
-    for cls in (SessionDataModule, StreamingSessionDataModule):
-        names |= set(inspect.signature(cls.__init__).parameters) - {"self", "args", "kwargs"}
-    return frozenset(names - set(_FIELD_NAMES))
-
-
-def load_data_config(config_paths: list[str], overrides: dict[str, str]) -> DataConfig:
-    """The data section of one or more YAML configs (later files win) plus overrides.
-
-    Accepts ``data: {name: value}`` and ``data: {class_path: .., init_args: {..}}``. Keys that
-    belong only to a DataModule (:func:`datamodule_only_keys`) are ignored.
-
-    Args:
-        config_paths: YAML files in order.
-        overrides: ``name -> value`` strings, parsed with ``yaml.safe_load``; a dotted name such
-            as ``options.preset`` sets one key of a mapping field.
-
-    Raises:
-        DataError: Unknown key (naming the file), bad value, or unreadable file.
-        FileNotFoundError: A config file does not exist.
-    """
-    values: dict[str, Any] = {}
-    for path in config_paths:
-        for key, value in _data_section(path).items():
-            if key in datamodule_only_keys():
-                continue
-            if key not in _FIELD_NAMES:
-                raise DataError(
-                    f"{path}: unknown data option {key!r}; expected one of {list(_FIELD_NAMES)}"
-                )
-            values[key] = _coerce(key, value, path)
-    for key, raw in overrides.items():
-        value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        name, _, sub = key.partition(".")
-        if name in datamodule_only_keys():
-            continue
-        if name not in _FIELD_NAMES:
-            raise DataError(
-                f"override {key!r}: unknown data option; expected one of {list(_FIELD_NAMES)}"
-            )
-        if sub:
-            if name not in ("columns", "options"):
-                raise DataError(f"override {key!r}: only columns.X and options.X can be dotted")
-            values[name] = {**(values.get(name) or {}), sub: value}
-        else:
-            values[name] = _coerce(name, value, f"override {key!r}")
-    return DataConfig(**values)
 
 
 # ----------------------------------------------------------------------------- fingerprint

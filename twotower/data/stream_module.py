@@ -36,7 +36,7 @@ contiguous shards (:func:`~twotower.data.streaming.plan_shard`), one per (DDP ra
 worker), and every shard into exactly ``K = ceil(min_shard_rows / batch_rows)`` blocks of
 consecutive rows (the last one takes the remainder: at most ``batch_rows + 1`` rows), so every
 rank runs the same number of steps. A block gives the windows
-(:func:`~twotower.data.datamodule.build_windows`: ``window + 1`` positive items per window,
+(:func:`~twotower.data.windows.build_windows`: ``window + 1`` positive items per window,
 left-padded, every positive after the first of its sequence a target in exactly one window) of
 its training rows; the windows of ``shuffle_batches`` consecutive blocks are pooled and dealt
 back out as that many batches of equal window counts (so a block with few targets, e.g. a run
@@ -91,8 +91,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from twotower.data.datamodule import EvalDataset
-from twotower.ids import HashVocab
+from twotower.data.eval_dataset import EvalDataset
 from twotower.data.prepared import EvalSet, ItemFeatures
 from twotower.data.schema import DataError
 from twotower.data.stream_scan import (  # noqa: F401  (TRAIN.., holdout_roles: public API)
@@ -109,7 +108,7 @@ from twotower.data.streaming import (
     DEFAULT_CHUNK_ROWS,
     list_fragments,
 )
-from twotower.ids import OOV_TOKEN, PAD_TOKEN, Vocab
+from twotower.ids import OOV_TOKEN, PAD_TOKEN, HashVocab, Vocab
 
 Batch = dict[str, Tensor]
 

@@ -19,8 +19,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from twotower.data.datamodule import build_windows
-from twotower.ids import HashVocab
 from twotower.data.prepared import Sequences
 from twotower.data.schema import DataError
 from twotower.data.stream_scan import (
@@ -39,7 +37,8 @@ from twotower.data.streaming import (
     read_rows,
     shard_bounds,
 )
-from twotower.ids import Vocab
+from twotower.data.windows import build_windows
+from twotower.ids import HashVocab, Vocab
 
 Batch = dict[str, Tensor]
 
