@@ -7,8 +7,21 @@ table of throughput and p50/p99 latency per endpoint.
 
     python bench/serve_bench.py --artifacts runs/default/artifacts --clients 8 --requests 4000
 
-The client runs on the same machine and competes for the same cores, so the figures are a floor
-for what the service does, not a ceiling.
+``--matrix`` compares service settings in one run: every setting of ``--setting`` (name and
+server flags) is started once, side by side, and each (setting, client count) is measured in
+``--rounds`` interleaved rounds, so a change in the machine's load hits all of them alike; the
+table gives the median over rounds of throughput, p50 and p99, and the load average during
+the measurements:
+
+    python bench/serve_bench.py --artifacts /tmp/ml100k_art --mix recommend=1 --matrix \
+        --clients-list 1,16 --rounds 3 --duration 10 \
+        --setting "before=--max-batch 1" \
+        --setting "after=--batch-window-ms 2 --max-batch 64 --workers 2"
+
+``--client raw`` (the default of ``--matrix``) is a minimal keep-alive HTTP/1.1 client on
+asyncio streams, far cheaper per request than httpx; the client runs on the same machine and
+competes for the same cores either way, so the figures are a floor for what the service does,
+not a ceiling.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -92,6 +106,83 @@ async def _client(
             errors[kind] += 1
 
 
+class RawClient:
+    """One keep-alive HTTP/1.1 connection: POST JSON, read status and body (Content-Length).
+
+    Args:
+        host: Loopback address.
+        port: Port.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: dict) -> int:
+        """Send one request and return its status (reconnecting when the server closed)."""
+        if self.writer is None or self.writer.is_closing():
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + data)
+        assert self.reader is not None
+        lines = (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+            elif name.strip().lower() == b"connection" and value.strip().lower() == b"close":
+                self.writer.close()
+        await self.reader.readexactly(length)
+        return status
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def _drive_raw(url: str, args: argparse.Namespace, work) -> tuple[dict, dict, float]:
+    """POST /recommend only, over ``args.clients`` raw keep-alive connections."""
+    parsed = urlparse(url)
+    histories = work[0]
+    clients = [RawClient(parsed.hostname, parsed.port) for _ in range(args.clients)]
+    for c in clients:  # warm-up, not counted: every connection opened and used once
+        await c.post("/recommend", {"history": histories[0], "k": args.k})
+    out: dict[str, list[float]] = {"recommend": []}
+    errors = {"recommend": 0}
+    budget = [args.requests]
+    deadline = time.perf_counter() + args.duration
+
+    async def loop(c: RawClient, rng: random.Random) -> None:
+        while budget[0] > 0 and time.perf_counter() < deadline:
+            budget[0] -= 1
+            body = {"history": rng.choice(histories), "k": args.k}
+            t0 = time.perf_counter()
+            try:
+                ok = await c.post("/recommend", body) == 200
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                ok = False
+                c.writer = None
+            if ok:
+                out["recommend"].append(time.perf_counter() - t0)
+            else:
+                errors["recommend"] += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(c, random.Random(args.seed + i)) for i, c in enumerate(clients)))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        await c.close()
+    return out, errors, wall
+
+
 async def _drive(url: str, args: argparse.Namespace, work) -> tuple[dict, dict, float]:
     weights = {kv.split("=")[0]: float(kv.split("=")[1]) for kv in args.mix.split(",") if kv}
     unknown = set(weights) - set(ENDPOINTS)
@@ -155,6 +246,138 @@ def _table(out: dict[str, list[float]], errors: dict[str, int], wall: float) -> 
     return "\n".join(lines)
 
 
+def _start_server(artifacts: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
+    """``twotower serve`` with extra flags on a free loopback port; waits for /healthz."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "twotower.cli", "serve", "--artifacts", str(artifacts)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_healthy(url, server)
+    except BaseException:
+        _stop(server)
+        raise
+    return server, url
+
+
+def _wait_healthy(url: str, server: subprocess.Popen | None) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server is not None and server.poll() is not None:
+            raise SystemExit(f"the service exited with {server.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit("the service did not answer /healthz within 120 s")
+        time.sleep(0.2)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def _measure(url: str, args: argparse.Namespace, work) -> dict:
+    """One load run: throughput, p50, p99 (all endpoints together), errors, load average."""
+    drive = _drive_raw if args.client == "raw" else _drive
+    load0 = os.getloadavg()[0]
+    out, errors, wall = asyncio.run(drive(url, args, work))
+    lat = np.concatenate([np.asarray(v) for v in out.values() if v] or [np.zeros(0)]) * 1000
+    p50, p99 = np.percentile(lat, [50, 99]) if len(lat) else (np.nan, np.nan)
+    return {
+        "requests": int(len(lat)),
+        "errors": int(sum(errors.values())),
+        "rps": len(lat) / wall,
+        "p50_ms": float(p50),
+        "p99_ms": float(p99),
+        "load": (load0 + os.getloadavg()[0]) / 2,
+    }
+
+
+def _matrix(args: argparse.Namespace, work) -> int:
+    """Every (setting, clients) in interleaved rounds; a table of medians over rounds."""
+    settings = []
+    for spec in args.setting or ["default="]:
+        name, _, flags = spec.partition("=")
+        settings.append((name.strip(), shlex.split(flags)))
+    clients_list = [int(c) for c in args.clients_list.split(",") if c]
+    servers = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    uptime_before = _uptime()
+    try:
+        for name, flags in settings:
+            servers[name] = _start_server(Path(args.artifacts), flags)
+        health = httpx.get(servers[settings[0][0]][1] + "/healthz").json()
+        for r in range(args.rounds):
+            for name, _ in settings:
+                for clients in clients_list:
+                    args.clients = clients
+                    res = _measure(servers[name][1], args, work)
+                    runs.setdefault((name, clients), []).append(res)
+                    print(
+                        f"round {r + 1}/{args.rounds} {name} {clients} clients: "
+                        f"{res['rps']:.0f} req/s, p50 {res['p50_ms']:.2f} ms, "
+                        f"p99 {res['p99_ms']:.2f} ms, errors {res['errors']}, "
+                        f"load {res['load']:.1f}",
+                        file=sys.stderr,
+                    )
+    finally:
+        for proc, _ in servers.values():
+            _stop(proc)
+    uptime_after = _uptime()
+    print(
+        f"twotower serve, {health.get('catalogue_size')} tracks, index "
+        f"{health.get('index', {}).get('factory')}, k={args.k}, mix {args.mix}, client "
+        f"{args.client}; {args.rounds} rounds of {args.duration:g} s (or {args.requests} "
+        f"requests) per cell, medians over rounds; started {started}\n"
+        f"uptime before: {uptime_before}\nuptime after:  {uptime_after}\n"
+    )
+    lines = [
+        "| setting | server flags | clients | req/s | p50 ms | p99 ms | errors | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, flags in settings:
+        for clients in clients_list:
+            rs = runs[(name, clients)]
+            med = {k: float(np.median([x[k] for x in rs])) for k in ("rps", "p50_ms", "p99_ms")}
+            lines.append(
+                f"| {name} | `{' '.join(flags) or '(defaults)'}` | {clients} | {med['rps']:.0f} "
+                f"| {med['p50_ms']:.2f} | {med['p99_ms']:.2f} | {sum(x['errors'] for x in rs)} "
+                f"| {np.median([x['load'] for x in rs]):.1f} |"
+            )
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": {n: f for n, f in settings},
+                    "runs": {f"{n}|{c}": v for (n, c), v in runs.items()},
+                    "uptime": [uptime_before, uptime_after],
+                    "health": health,
+                },
+                indent=1,
+            )
+        )
+    return 0 if not any(x["errors"] for v in runs.values() for x in v) else 1
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--artifacts", required=True, help="artifact folder (workload comes from it)")
@@ -166,57 +389,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the raw figures as JSON")
+    p.add_argument(
+        "--server-flags", default="", help="extra `twotower serve` flags, e.g. '--max-batch 1'"
+    )
+    p.add_argument(
+        "--client",
+        choices=["httpx", "raw"],
+        help="load generator: httpx (any mix; default) or raw (recommend only; --matrix default)",
+    )
+    p.add_argument("--matrix", action="store_true", help="compare --setting's side by side")
+    p.add_argument(
+        "--setting",
+        action="append",
+        metavar="NAME=FLAGS",
+        help="with --matrix: a name and its `twotower serve` flags (repeatable)",
+    )
+    p.add_argument("--clients-list", default="1,16", help="with --matrix: client counts")
+    p.add_argument("--rounds", type=int, default=3, help="with --matrix: interleaved rounds")
     args = p.parse_args(argv)
+    args.client = args.client or ("raw" if args.matrix else "httpx")
+    if args.client == "raw" and set(kv.split("=")[0] for kv in args.mix.split(",") if kv) != {
+        "recommend"
+    }:
+        raise SystemExit("--client raw drives POST /recommend only: use --mix recommend=1")
 
     artifacts = Path(args.artifacts)
     work = _workload(artifacts, args.seed)
+    if args.matrix:
+        return _matrix(args, work)
     server = None
     if args.url:
         host = urlparse(args.url).hostname
         if host not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit(f"--url must be on loopback (127.0.0.1), got {host}")
         url = args.url.rstrip("/")
+        _wait_healthy(url, None)
     else:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "twotower.cli",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        server = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        server, url = _start_server(artifacts, shlex.split(args.server_flags))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server is not None and server.poll() is not None:
-                raise SystemExit(f"the service exited with {server.returncode}")
-            if time.monotonic() > deadline:
-                raise SystemExit("the service did not answer /healthz within 120 s")
-            time.sleep(0.2)
         health = httpx.get(url + "/healthz").json()
-        out, errors, wall = asyncio.run(_drive(url, args, work))
+        drive = _drive_raw if args.client == "raw" else _drive
+        out, errors, wall = asyncio.run(drive(url, args, work))
     finally:
         if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            _stop(server)
     print(
         f"twotower serve, {health.get('catalogue_size')} tracks, index "
         f"{health.get('index', {}).get('factory')}; {args.clients} clients, "

@@ -307,10 +307,14 @@ def _run_jobs(model: LoadedModel, jobs: list[RecommendJob]) -> list[RecommendRes
             for j in jobs
         ]
     else:
+        flags = {j.exclude for j in jobs}
+        exclude: Any = [j.history if j.exclude else [] for j in jobs]  # mixed: per query
+        if len(flags) == 1:  # the usual case: one rule for all (no second id lookup)
+            exclude = "history" if jobs[0].exclude else None
         recs = batch(
             [j.history for j in jobs],
             k=max(j.k for j in jobs),
-            exclude=[j.history if j.exclude else [] for j in jobs],
+            exclude=exclude,
             contexts=[j.context for j in jobs],
         )
     return [_as_response(r, j.k) for r, j in zip(recs, jobs, strict=True)]

@@ -86,6 +86,28 @@ def _route_template(scope: Scope) -> str:
     return "<unmatched>"
 
 
+class _RouteCache:
+    """Route template per (method, path), remembered for the most recent distinct paths.
+
+    Matching walks every route with a regular expression; the hot paths (``/recommend``)
+    repeat, so they are matched once.
+    """
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._seen: dict[tuple[str, str], str] = {}
+
+    def __call__(self, scope: Scope) -> str:
+        key = (scope.get("method", ""), scope.get("path", ""))
+        hit = self._seen.get(key)
+        if hit is None:
+            hit = _route_template(scope)
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+            self._seen[key] = hit
+        return hit
+
+
 class ServiceMiddleware:
     """Pure ASGI middleware: body size limit (413), security headers, metrics.
 
@@ -97,6 +119,7 @@ class ServiceMiddleware:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self._route = _RouteCache()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI connection."""
@@ -104,7 +127,7 @@ class ServiceMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        route = _route_template(scope)
+        route = self._route(scope)
         status = {"code": 500}
 
         async def send_wrapped(message: Message) -> None:
