@@ -1,15 +1,11 @@
-"""twotower: two-tower retrieval for music, from listening sessions to a FAISS index."""
+"""twotower: two-tower retrieval for music, from listening sessions to a FAISS index.
+
+The package root holds only the version, so every module may import it without an import
+running back up; the Retriever lives in :mod:`twotower.retrieve`.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Retriever"]
-
-
-def __getattr__(name: str):  # lazy: importing the package must not pull in torch/faiss
-    if name == "Retriever":
-        from twotower.retrieve import Retriever
-
-        return Retriever
-    raise AttributeError(name)
+__all__ = ["__version__"]
