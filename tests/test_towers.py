@@ -221,3 +221,16 @@ def test_recency_bias_is_causal_padding_invariant_and_favours_recent_events():
 
     # a steep slope makes the query (almost) blind to old events; a flat one does not
     assert early_item_effect(math.log(30.0)) < 1e-6 < 1e-3 < early_item_effect(math.log(1e-3))
+
+
+@pytest.mark.parametrize("encoder", ["gru", "transformer"])
+def test_state_dicts_from_before_encoder_modules_still_load(encoder):
+    """Checkpoints and exports written before the encoders became modules kept the encoder's
+    parameters on the tower (``blocks.0...``, ``gru...``): they load into the same tower."""
+    tower = _tower(encoder, recency_bias=encoder == "transformer")
+    old = {k.removeprefix("sequence_encoder."): v for k, v in tower.state_dict().items()}
+    assert any(k.startswith(("blocks.", "gru.")) for k in old)
+    clone = QueryTower(**tower.config).eval()
+    clone.load_state_dict(old)  # strict: every key placed, none left over
+    hist = _left_pad([[5, 6, 7], [8]], 6)
+    torch.testing.assert_close(clone(hist), tower(hist))
