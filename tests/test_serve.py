@@ -1062,7 +1062,7 @@ def test_serve_cli_flags() -> None:
     )
     assert (args.batch_window_ms, args.max_batch, args.workers) == (2.0, 32, 3)
     args = build_parser().parse_args(["serve", "--artifacts", "x"])
-    assert (args.batch_window_ms, args.max_batch, args.workers) == (1.0, 64, 1)
+    assert (args.batch_window_ms, args.max_batch, args.workers) == (2.0, 64, 1)
 
 
 def test_real_artifact_unreadable_index_names_the_file(real: dict, tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-window-ms",
         type=float,
-        default=1.0,
+        default=2.0,
         help="how long concurrent /recommend requests wait to share one batch (a lone one: 0)",
     )
     p.add_argument(
