@@ -141,8 +141,9 @@ def _console_errors(drv) -> list[str]:
 
 
 def _shot(drv, name: str) -> None:
+    """The whole page at the desktop viewport's width as ``docs/<name>``."""
     (REPO / "docs").mkdir(exist_ok=True)
-    drv.save_screenshot(str(REPO / "docs" / name))
+    _full_shot(drv, REPO / "docs" / name, "desktop")
 
 
 def test_demo_search_add_recommend_and_listener(driver, base_url: str, real: dict) -> None:
@@ -282,8 +283,7 @@ def test_screenshots(driver, real: dict, tmp_path: Path) -> None:
     app = create_app(dirs[0], compare, tmp_path / "reviews.sqlite", review_k=8)
     holdout = app.state.model.holdout
     drv = driver
-    drv.set_window_size(1360, 900)
-    with _serve(app) as url:
+    with _serve(app) as url, _viewport(drv, "desktop"):
         # demo: start from a held-out listener's last track, then follow two recommendations
         seed_track = holdout.histories[0][-1] if holdout else app.state.model.catalogue.ids[0]
         title = app.state.model.catalogue.track(seed_track).title or seed_track
@@ -304,7 +304,6 @@ def test_screenshots(driver, real: dict, tmp_path: Path) -> None:
         time.sleep(0.3)
         _shot(drv, "demo.png")
 
-        drv.set_window_size(1360, 1120)
         drv.get(url + "/review")
         name = drv.find_element(By.ID, "reviewer")
         name.clear()
@@ -319,7 +318,6 @@ def test_screenshots(driver, real: dict, tmp_path: Path) -> None:
         _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".rate.on")) == 12)
         drv.find_element(By.CSS_SELECTOR, "#report-box summary").click()
         _wait(drv, lambda d: "12 ratings" in d.find_element(By.ID, "report").text)
-        drv.execute_script("window.scrollTo(0, 0)")
         _shot(drv, "review.png")
 
 
@@ -333,9 +331,10 @@ SCROLL_BOX = {"desktop": 400, "phone": 300}
 #: the height is a fixed number of rows whatever the number of listeners or plays (before the
 #: fix, 200 listeners made the listener view 5,857 px tall). Desktop (three columns): header,
 #: tabs and the tallest card (10 scored rows or a 400 px box plus its controls) fit in one
-#: 900 px screen with a little slack. Phone (one column): the three cards stack, each a 300 px
-#: box or 10 rows (~55 px each) plus its controls: at most about three phone screens.
-MAX_HEIGHT = {"desktop": 1000, "phone": 2600}
+#: 900 px screen; 100 px of slack for fonts. Phone (one column): the cards stack, a 300 px box
+#: or 10 rows (~47 px) plus controls each; the tallest page (the review panel: history, lists
+#: A and B) measures ~1,850 px, and 2,200 px (2.6 screens) leaves room for fonts and wrapping.
+MAX_HEIGHT = {"desktop": 1000, "phone": 2200}
 N_LISTENERS = 240
 
 
@@ -397,20 +396,26 @@ def shot_dir(tmp_path: Path) -> Path:
 @contextmanager
 def _viewport(drv, view: str) -> Iterator[None]:
     """Emulate the viewport ``view`` (CSS px, scale 1; ``mobile`` honours the meta viewport)."""
-    width, height, mobile = VIEWPORTS[view]
-    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", _metrics(view))
     try:
         yield
     finally:
         drv.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-def _full_shot(drv, path: Path) -> None:
-    """A screenshot of the whole document, not just the viewport."""
-    shot = drv.execute_cdp_cmd(
-        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
-    )
+def _metrics(view: str, height: int | None = None) -> dict:
+    width, h, mobile = VIEWPORTS[view]
+    return {"width": width, "height": height or h, "deviceScaleFactor": 1, "mobile": mobile}
+
+
+def _full_shot(drv, path: Path, view: str) -> None:
+    """The whole document at ``view``'s width: a viewport as tall as the page, no scrollbar."""
+    full = drv.execute_script("return document.documentElement.scrollHeight")
+    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", _metrics(view, full))
+    try:
+        shot = drv.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+    finally:
+        drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", _metrics(view))
     path.write_bytes(base64.b64decode(shot["data"]))
 
 
@@ -495,7 +500,7 @@ def test_layout_demo(driver, crowded: dict, crowded_url: str, shot_dir: Path, vi
         _check_layout(drv, view)
         box = _box(drv, "#search-results")  # 20 results scroll inside the card
         assert box["client"] <= SCROLL_BOX[view] < box["scroll"], box
-        _full_shot(drv, shot_dir / f"demo-session-{view}.png")
+        _full_shot(drv, shot_dir / f"demo-session-{view}.png", view)
 
         # listener view: one page of 50 of the 240 listeners, in a bounded scroll box
         drv.find_element(By.ID, "tab-listener").click()
@@ -515,7 +520,7 @@ def test_layout_demo(driver, crowded: dict, crowded_url: str, shot_dir: Path, vi
         box = _box(drv, "#listener-history")
         assert box["client"] <= SCROLL_BOX[view] < box["scroll"] and box["scrollTop"] == 0, box
         m = _check_layout(drv, view)
-        _full_shot(drv, shot_dir / f"demo-listener-{view}.png")
+        _full_shot(drv, shot_dir / f"demo-listener-{view}.png", view)
 
         # next page, the filter, and Enter opening a listener by id from another page
         drv.find_element(By.ID, "listeners-next").click()
@@ -560,7 +565,7 @@ def test_layout_review(driver, crowded: dict, crowded_url: str, shot_dir: Path, 
         box = _box(drv, "#history")
         assert box["client"] <= SCROLL_BOX[view] < box["scroll"] and box["scrollTop"] == 0, box
         _check_layout(drv, view)
-        _full_shot(drv, shot_dir / f"review-{view}.png")
+        _full_shot(drv, shot_dir / f"review-{view}.png", view)
     assert _console_errors(drv) == []
 
 
