@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -34,13 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8192, help="items per forward pass")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
     p.add_argument("--holdout", type=int, default=5000, help="test examples in holdout.parquet")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show third-party messages (FAISS, Lightning) hidden by default; -vv: debug",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, export, print where the artifact went."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from twotower.log_setup import setup_logging
+
+    setup_logging(args.verbose)
     from twotower.export import export_checkpoint, read_manifest
 
     try:

@@ -272,7 +272,14 @@ def write_artifact(
     )[:TUNE_QUERIES]
     tuned = tune_index(faiss_index, emb, tune_queries, 10, target_recall, metric)
     tune_s = time.perf_counter() - t0 - build_s
-    log.info("index %s built in %.1fs, tuned %s", faiss_index, build_s, tuned)
+    log.info(
+        "index %s (%d vectors, dim %d) built in %.1fs, tuned %s",
+        _factory_of(index, emb),
+        faiss_index.ntotal,
+        faiss_index.d,
+        build_s,
+        tuned,
+    )
 
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,

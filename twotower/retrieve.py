@@ -502,7 +502,7 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"twotower {args.command}: error: {e}", file=sys.stderr)
         return 2
     if rec.unknown:
-        print(f"unknown track ids (not used): {', '.join(rec.unknown)}", file=sys.stderr)
+        print(f"unknown track ids (not used): {json.dumps(rec.unknown)}", file=sys.stderr)
     if not history or len(rec.unknown) == len(set(history)):
         print(
             "note: no known track in the history; these are the model's defaults", file=sys.stderr

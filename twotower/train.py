@@ -3,7 +3,8 @@
 ``python train.py fit --config configs/default.yaml [--trainer.max_epochs 3] ...``
 
 Defaults: CUDA with ``bf16-mixed`` (and TF32 matmuls) when available, else CPU fp32 and
-deterministic algorithms; ``seed_everything: 0``; TensorBoard logs under ``runs/``;
+deterministic algorithms; ``seed_everything: 0``; TensorBoard logs under ``runs/`` (or
+``--trainer.default_root_dir``), with the checkpoints beside them and one summary line at the end;
 ModelCheckpoint on ``val/ndcg@10`` (max, plus ``last.ckpt``), EarlyStopping on the same metric,
 LR monitor. The resolved config is saved next to the logs (``config.yaml``). Data-derived model
 sizes are linked from the datamodule, and ``model.max_len`` from ``data.window``.
@@ -15,7 +16,9 @@ import errno
 import json
 import os
 import re
+import sys
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,13 @@ DATA_SIZES = (
 
 #: The DataModule a config gets when it does not name one (``data.class_path``).
 DEFAULT_DATAMODULE = "twotower.data.datamodule.SessionDataModule"
+#: The DataModules whose options ``train.py fit --help`` lists.
+HELP_DATAMODULES = (
+    DEFAULT_DATAMODULE,
+    "twotower.data.stream_module.StreamingSessionDataModule",
+)
+#: The TensorBoard logger's default folder; ``--trainer.default_root_dir`` replaces it.
+DEFAULT_LOG_DIR = "runs"
 
 
 def _sizes(dm: SessionDataModule) -> dict[str, int]:
@@ -76,7 +86,11 @@ def trainer_defaults() -> dict[str, Any]:
         "max_epochs": 20,
         "logger": {
             "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": "runs", "name": "twotower", "default_hp_metric": False},
+            "init_args": {
+                "save_dir": DEFAULT_LOG_DIR,
+                "name": "twotower",
+                "default_hp_metric": False,
+            },
         },
         "callbacks": default_callbacks(),
     }
@@ -140,6 +154,26 @@ def _disk_full_error(e: BaseException | None) -> OSError | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def logs_under_root_dir(config: Any) -> None:
+    """Make ``--trainer.default_root_dir D`` move the default logs and checkpoints under ``D``.
+
+    The checkpoints go to ``<log dir>/checkpoints``. Lightning uses ``default_root_dir`` only
+    when there is no logger, and the default logger writes to :data:`DEFAULT_LOG_DIR`: without
+    this, ``--trainer.default_root_dir`` would be silently ignored. A logger ``save_dir`` set
+    to anything else is kept.
+
+    Args:
+        config: The parsed config of the subcommand (changed in place).
+    """
+    root = config.get("trainer.default_root_dir")
+    logger = config.get("trainer.logger")
+    init = logger.get("init_args") if hasattr(logger, "get") else None
+    if not root or init is None or "TensorBoardLogger" not in str(logger.get("class_path", "")):
+        return
+    if init.get("save_dir") == DEFAULT_LOG_DIR:
+        init["save_dir"] = str(root)
 
 
 def resolve_last_checkpoint(config: Any) -> None:
@@ -214,6 +248,8 @@ class TwoTowerCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.set_defaults({"data": {"class_path": DEFAULT_DATAMODULE}})
+        # subclass mode shows only ``--data CONFIG | CLASS_PATH``: list the options themselves
+        add_data_options_help(parser)
         parser.link_arguments("data.init_args.window", "model.max_len", apply_on="parse")
         for name in DATA_SIZES:
             parser.link_arguments(
@@ -238,14 +274,76 @@ class TwoTowerCLI(LightningCLI):
         )
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
+        from twotower.run_summary import RunSummary
+
+        if not any(isinstance(c, RunSummary) for c in callbacks):
+            callbacks = [*callbacks, RunSummary()]
         return super()._instantiate_trainer({**config, "plugins": plugins}, callbacks)
 
     def before_instantiate_classes(self) -> None:
-        """TF32/bf16-friendly matmuls on CUDA; ``--ckpt_path last`` across log versions."""
+        """TF32/bf16-friendly matmuls on CUDA; logs under ``default_root_dir``; resume."""
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")
+        logs_under_root_dir(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand == "fit":
             resolve_last_checkpoint(self.config[self.subcommand])
+
+
+def add_data_options_help(parser: LightningArgumentParser) -> None:
+    """List every DataModule's ``--data.*`` options in ``--help`` (:data:`HELP_DATAMODULES`).
+
+    LightningCLI's subclass mode shows only ``--data CONFIG | CLASS_PATH``. Each DataModule
+    gets a help section with its options, types, defaults and documentation; the entries are
+    for reading only (parsing goes through ``data`` as before).
+    """
+    import argparse
+    import importlib
+    import inspect
+
+    for path in HELP_DATAMODULES:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        default = " (the default)" if path == DEFAULT_DATAMODULE else ""
+        group = parser.add_argument_group(
+            f"Data options of {name}{default}",
+            f"--data.KEY VALUE with data.class_path {path}",
+        )
+        docs = _arg_docs(inspect.getdoc(cls) or "")
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            kind = p.annotation if isinstance(p.annotation, str) else str(p.annotation)
+            required = p.default is p.empty
+            text = f"{docs.get(p.name, '')} (type: {kind}{', required' if required else ''})"
+            action = argparse.Action(
+                [f"--data.{p.name}"],
+                dest=argparse.SUPPRESS,
+                default=argparse.SUPPRESS if required else p.default,
+                metavar=p.name.upper(),
+                help=text.strip(),
+            )
+            group._group_actions.append(action)  # shown in --help, never parsed
+
+
+def _arg_docs(doc: str) -> dict[str, str]:
+    """``name -> description`` of the ``Args:`` section of a Google-style docstring."""
+    out: dict[str, str] = {}
+    in_args, name = False, None
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:"):
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if line and not line.startswith(" "):
+            break
+        m = re.match(r"^ {4}(\w+)(?: \(.*\))?: (.*)$", line)
+        if m:
+            name = m.group(1)
+            out[name] = m.group(2).strip()
+        elif name and line.startswith(" " * 8):
+            out[name] += " " + line.strip()
+    return out
 
 
 def _arg(key: str, value: Any) -> str:
@@ -296,10 +394,22 @@ def fit(
     defaults = trainer_defaults()
     if callbacks:
         defaults["callbacks"] = list(callbacks)
+    # ``args`` is deliberate here, so LightningCLI's "args and sys.argv" warning is noise
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
     cli = TwoTowerCLI(args=cli_args(config_paths, overrides, ckpt_path), trainer_defaults=defaults)
     return cli.trainer, cli.model, cli.datamodule
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python train.py <fit|validate|test> --config ...``."""
-    TwoTowerCLI(args=argv)
+    """``python train.py <fit|validate|test> --config ... [-v]``.
+
+    ``-v``/``--verbose`` (anywhere) shows the third-party messages that are hidden otherwise
+    (see :func:`twotower.log_setup.setup_logging`).
+    """
+    from twotower.log_setup import setup_logging
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = sum(a in ("-v", "--verbose") for a in args)
+    setup_logging(verbose)
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
+    TwoTowerCLI(args=[a for a in args if a not in ("-v", "--verbose")])
