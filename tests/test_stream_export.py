@@ -240,3 +240,31 @@ def test_service_finds_every_raw_id_of_a_hashed_bucket(hashed_art) -> None:
     ids = [t["track_id"] for t in res.json()["items"]]
     assert len(ids) == 5 and shared["track_id"] not in ids  # the bucket itself is excluded
     assert client.get("/similar/never-played").status_code == 404
+
+
+def test_compare_reads_a_hashed_artifact_as_the_service_does(hashed_art) -> None:
+    """compare's model side maps raw ids through the artifact's hash (as the Retriever does):
+    its top list for a history equals the service's, and a real raw id is never 'unknown'."""
+    from twotower.compare import OOV_ID, RawQueries, score_queries, side_from_artifact
+
+    r = Retriever.load(hashed_art)
+    side = side_from_artifact(hashed_art)
+    histories = [[track(a, 0), track(a, 1), track(a, 2)] for a in range(4)]
+    targets = [track(a, 3) for a in range(4)]
+    flat = np.array([t for h in histories for t in h], dtype=object)
+    n = len(histories)
+    queries = RawQueries(
+        history=flat,
+        offsets=np.arange(0, 3 * n + 1, 3, dtype=np.int64),
+        targets=np.array(targets, dtype=object),
+        users=np.full(n, OOV_ID, dtype=object),
+        hours=np.full(n, -1, dtype=np.int64),
+        contexts=np.full(n, OOV_ID, dtype=object),
+        seen=flat,
+        seen_offsets=np.arange(0, 3 * n + 1, 3, dtype=np.int64),
+    )
+    assert (side.track_indices(flat) >= 2).all()  # every raw id maps to its bucket
+    result = score_queries(side, queries, k=5)
+    assert result.missing_targets == 0
+    for q, history in enumerate(histories):
+        assert list(result.topk[q]) == r.recommend(history, k=5).ids

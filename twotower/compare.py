@@ -154,6 +154,8 @@ class ModelSide:
         fingerprint: Fingerprint of its training data, if known.
         rows_of: Raw track ids -> catalogue rows (-1 unknown), where the model's vocabulary
             is more than the list of ``track_ids`` (an artifact's hashed vocabulary).
+        searchable: Rows that may be recommended ``[N]`` (None: all); a hashed artifact's
+            buckets that no training track hashed into are never results, as in the service.
     """
 
     name: str
@@ -167,6 +169,7 @@ class ModelSide:
     data_config: dict[str, Any] | None = None
     fingerprint: str | None = None
     rows_of: Callable[[list[str]], np.ndarray] | None = None
+    searchable: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.track_index = pd.Index(np.asarray(self.track_ids, dtype=object).astype(str))
@@ -227,6 +230,7 @@ def side_from_artifact(path: str | Path, name: str | None = None) -> ModelSide:
         data_config=data.get("datamodule"),
         fingerprint=data.get("fingerprint"),
         rows_of=r.rows_of,
+        searchable=r.searchable,
     )
 
 
@@ -344,10 +348,13 @@ def score_queries(
             np.concatenate([[0], np.cumsum(np.bincount(q_of[keep], minlength=n))]),
         )
     item_t = torch.cat([side.item_emb.new_zeros(2, side.item_emb.shape[1]), side.item_emb]).T
+    blocked = None  # columns the model never recommends (empty hashed buckets)
+    if side.searchable is not None and not side.searchable.all():
+        blocked = torch.from_numpy(np.concatenate([[False, False], ~side.searchable]))
 
     def score_fn(rows: slice) -> Tensor:
-        query_emb = side.tower(query[rows])  # [b, d]
-        return query_emb @ item_t  # [b, N + 2]
+        scores = side.tower(query[rows]) @ item_t  # [b, N + 2]
+        return scores if blocked is None else scores.masked_fill(blocked, float("-inf"))
 
     kk = min(k, side.num_tracks)
     ranks, top = rank_and_topk_from_scores(
