@@ -9,8 +9,10 @@ When to flush is adaptive, so that a request alone never waits for company:
 
 * the thread takes every job already queued, up to ``max_batch``;
 * it waits up to ``window_s`` for more only when the batch before had company (more than one
-  job) and the window is not zero. Under load, the jobs that arrive while a batch is computed
-  form the next batch anyway; the window adds the ones that arrive just after.
+  job) and the window is not zero, and stops waiting as soon as the batch is as large as the
+  one before (with N clients in a loop, N jobs are what is coming). Under load, the jobs that
+  arrive while a batch is computed form the next batch anyway; the window adds the ones that
+  arrive just after.
 
 When the batched call raises, each job of that batch is run again alone, so a job that fails
 gets its own exception and the others their results. Results are handed back to each job's
@@ -133,29 +135,30 @@ class Batcher(Generic[Job, Result]):
                 self._thread.start()
 
     def _loop(self) -> None:
-        company = False
+        previous = 1
         while True:
             first = self._queue.get()
             if first is _STOP:
                 return
             batch: list[_Pending] = [first]
-            stop = self._fill(batch, wait=company and self.window_s > 0)
-            company = len(batch) > 1
+            stop = self._fill(batch, expect=previous if self.window_s > 0 else 1)
+            previous = len(batch)
             self._answer(batch)
             if stop:
                 return
 
-    def _fill(self, batch: list[_Pending], wait: bool) -> bool:
-        """Add queued jobs (waiting up to the window when ``wait``); True when told to stop."""
-        deadline = time.perf_counter() + self.window_s if wait else 0.0
+    def _fill(self, batch: list[_Pending], expect: int) -> bool:
+        """Add queued jobs, waiting up to the window while fewer than ``expect`` are in.
+
+        Returns:
+            True when told to stop.
+        """
+        deadline = time.perf_counter() + self.window_s
         while len(batch) < self.max_batch:
             try:
                 remaining = deadline - time.perf_counter()
-                item = (
-                    self._queue.get(timeout=remaining)
-                    if wait and remaining > 0
-                    else self._queue.get_nowait()
-                )
+                wait = len(batch) < expect and remaining > 0
+                item = self._queue.get(timeout=remaining) if wait else self._queue.get_nowait()
             except queue.Empty:
                 return False
             if item is _STOP:
