@@ -93,6 +93,21 @@ def test_data_options_are_typed_by_the_datamodule_signature(tmp_path):
     assert (moved.format, moved.path, moved.max_history) == ("movielens", "/b", 9)
 
 
+def test_drift_batch_from_the_reference_data_and_data_keys():
+    from twotower.drift import new_batch_config
+
+    ref = DataConfig(format="movielens", path="/old", options={"min_rating": 4}, cache_dir=None)
+    cfg = new_batch_config(None, ref, overrides=["--data.path=/new", "--data.max_history=7"])
+    assert (cfg.format, cfg.path, cfg.options, cfg.max_history) == (
+        "movielens", "/new", {"min_rating": 4}, 7
+    )  # fmt: skip
+    assert new_batch_config("/logs", ref, overrides={"options.min_rating": 3}).options == {
+        "min_rating": 3
+    }
+    with pytest.raises(ValueError, match="--data.path"):
+        new_batch_config(None, ref)
+
+
 def test_unknown_keys_are_refused_by_name_and_place(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sesion_gap: 3\n")

@@ -521,12 +521,13 @@ def new_batch_config(
         reference_cfg: The reference's data config: format, column mapping, options and
             session gap carry over to a plain path unless ``fmt`` names another format.
         fmt: Format of ``new`` (default: the reference's).
-        overrides: Data option overrides (``options.seed=3``, ``session_gap_minutes=20``).
+        overrides: Data option overrides (``{"options.seed": 3}``, ``["--data.path=P"]``; see
+            :func:`twotower.config.normalize_overrides`).
     """
-    from twotower.config import data_config_with, load_data_config
+    from twotower.config import data_config_with, load_data_config, normalize_overrides
     from twotower.data.pipeline import DataConfig
 
-    overrides = dict(overrides or {})
+    overrides = normalize_overrides(overrides)
     if isinstance(new, DataConfig):
         return data_config_with(new, overrides) if overrides else new
     if new is not None and str(new).endswith((".yaml", ".yml")):
@@ -534,8 +535,8 @@ def new_batch_config(
     values = asdict(reference_cfg)
     if fmt and fmt != reference_cfg.format:
         values.update(format=fmt, columns=None, options=None)
-    if new is None and values["format"] != "synthetic":
-        raise ValueError("--data is required unless --format synthetic")
+    if new is None and values["format"] != "synthetic" and "data.path" not in overrides:
+        raise ValueError("--data (or --data.path) is required unless --format synthetic")
     values["path"] = None if new is None else str(new)
     return data_config_with(values, overrides)
 
