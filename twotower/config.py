@@ -76,10 +76,6 @@ class ConfigArgs:
         """Whether the command line had any config option."""
         return bool(self.files or self.overrides)
 
-    def section_keys(self, section: str) -> list[str]:
-        """The override keys inside ``section`` (``data`` -> ``["data.path", ...]``)."""
-        return [k for k in self.overrides if k == section or k.startswith(section + ".")]
-
 
 def _is_config_key(key: str) -> bool:
     return key.split(".", 1)[0] in CONFIG_SECTIONS
