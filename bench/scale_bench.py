@@ -118,8 +118,8 @@ def _one_stream(data: Path, mode: str, chunk: int, buckets: int) -> dict:
     """One measurement in this (fresh) process; returns time and peak RSS."""
     import torch  # noqa: F401  (imported by the streaming module anyway: counted in the baseline)
 
-    from twotower.ids import HashVocab
     from twotower.data.streaming import stream_bucket_counts, stream_vocab
+    from twotower.ids import HashVocab
 
     base = _rss()
     t0 = time.perf_counter()
@@ -164,8 +164,8 @@ def _loader_pass(
     import torch
     from torch.utils.data import DataLoader
 
-    from twotower.ids import HashVocab
     from twotower.data.streaming import ParquetStream
+    from twotower.ids import HashVocab
 
     torch.manual_seed(0)
     vocab = HashVocab(buckets)

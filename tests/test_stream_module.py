@@ -19,7 +19,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from twotower.ids import HashVocab
 from twotower.data.schema import DataError
 from twotower.data.stream_module import (
     TRAIN,
@@ -28,7 +27,7 @@ from twotower.data.stream_module import (
     holdout_roles,
 )
 from twotower.data.synthetic import generate, make_config
-from twotower.ids import Vocab
+from twotower.ids import HashVocab, Vocab
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = (("part-0.parquet", 97), ("part-1.parquet", 250), ("sub/part-2.parquet", 1000))

@@ -16,14 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from twotower.ids import (
-    HashVocab,
-    expected_collision_rate,
-    expected_occupied,
-    fmix64,
-    fnv1a64,
-    hash_buckets,
-)
 from twotower.data.schema import DataError
 from twotower.data.streaming import (
     ROW_KEY,
@@ -34,7 +26,15 @@ from twotower.data.streaming import (
     stream_counts,
     stream_vocab,
 )
-from twotower.ids import Vocab
+from twotower.ids import (
+    HashVocab,
+    Vocab,
+    expected_collision_rate,
+    expected_occupied,
+    fmix64,
+    fnv1a64,
+    hash_buckets,
+)
 
 # Three files with uneven row groups (sizes chosen so that shard cuts fall inside row groups).
 FILE_ROWS = (("a.parquet", 1000, 128), ("b.parquet", 337, 50), ("sub/c.parquet", 1500, 999))

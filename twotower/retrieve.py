@@ -299,7 +299,7 @@ class Retriever:
                 user = self.user_index.get(str(user_raw), 0)
             if not user:
                 notes.append(f"user {user_raw!r} not in the vocabulary: treated as unknown")
-            elif self.config.get("num_users", 0) == 0:
+            elif not self.spec.users:
                 notes.append("this model does not use the listener id")
         context = 0
         ctype = c.get("context_type")
@@ -307,7 +307,7 @@ class Retriever:
             context = self.context_index.get(str(ctype), 0)
             if not context:
                 notes.append(f"context_type {ctype!r} not in the vocabulary: treated as unknown")
-        if hour is not None and not self.config.get("use_hour", False):
+        if hour is not None and not self.spec.hours:
             notes.append("this model does not use the hour of day")
         return user, -1 if hour is None else int(hour), context
 

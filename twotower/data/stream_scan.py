@@ -19,7 +19,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from twotower.ids import HashVocab, hash_buckets
 from twotower.data.prepared import EvalSet
 from twotower.data.schema import DataError
 from twotower.data.streaming import (
@@ -31,7 +30,7 @@ from twotower.data.streaming import (
     list_fragments,
     vocab_from_counts,
 )
-from twotower.ids import Vocab
+from twotower.ids import HashVocab, Vocab, hash_buckets
 
 REQUIRED = ("user_id", "track_id")
 OPTIONAL = ("timestamp", "skipped", "hour", "context_type")

@@ -32,9 +32,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from twotower.ids import HashVocab
 from twotower.data.schema import DataError
-from twotower.ids import Vocab
+from twotower.ids import HashVocab, Vocab
 
 DEFAULT_CHUNK_ROWS = 65_536
 ROW_KEY = "_row"

@@ -16,8 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from twotower.model.loss import RetrievalLoss
+from twotower.model.loss import RetrievalLoss, resolve_full_softmax
 from twotower.model.towers import ItemTower, QueryTower
+from twotower.query import QueryBatch
 
 VAL_KS = (10, 20)
 MONITOR = "val/ndcg@10"
@@ -189,7 +190,8 @@ class TwoTowerModule(pl.LightningModule):
             learn_temperature=learn_temperature,
             num_negatives=num_negatives,
             logq=logq,
-            full_softmax=full_softmax,
+            # as many negatives as tracks cannot be a sample: the full softmax, with a warning
+            full_softmax=resolve_full_softmax(num_items, num_negatives, full_softmax),
         )
         self._sequence_fn = self.query_tower.forward_sequence
         self._val_ranks: list[Tensor] = []
@@ -251,15 +253,9 @@ class TwoTowerModule(pl.LightningModule):
         self.train_seconds = float(checkpoint.get("train_seconds") or 0.0)
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        history: Tensor,
-        users: Tensor | None = None,
-        hours: Tensor | None = None,
-        contexts: Tensor | None = None,
-    ) -> Tensor:
-        """Query vectors ``[B, dim]`` for left-padded histories ``[B, L]``."""
-        return self.query_tower(history, users, hours, contexts)
+    def forward(self, query: QueryBatch | Tensor) -> Tensor:
+        """Query vectors ``[B, dim]`` of a :class:`~twotower.query.QueryBatch` (or history)."""
+        return self.query_tower(query)
 
     @torch.no_grad()
     def item_embeddings(self, chunk: int = 65536) -> Tensor:
@@ -291,9 +287,9 @@ class TwoTowerModule(pl.LightningModule):
         if first > 0:
             items, hours, contexts = items[:, first:], hours[:, first:], contexts[:, first:]
         inputs, targets = items[:, :-1], items[:, 1:]  # [B, L'], [B, L']
-        queries = self._sequence_fn(
-            inputs, batch["users"], hours[:, 1:], contexts[:, 1:]
-        )  # [B, L', dim]
+        # each position's context is the one of the event it predicts
+        query = QueryBatch(inputs, batch["users"], hours[:, 1:], contexts[:, 1:])
+        queries = self._sequence_fn(query)  # [B, L', dim]
         valid = (inputs != 0) & (targets > 1)  # [B, L'] a history and a known target
         exclude = seen_pairs(inputs, valid) if self.mask_seen else None
         k = int(self.hparams.get("dense_targets", 0))
@@ -372,9 +368,7 @@ class TwoTowerModule(pl.LightningModule):
     def _ranks(self, batch: dict[str, Tensor]) -> Tensor:
         from twotower.metrics import rank_of_targets
 
-        query_emb = self.query_tower(
-            batch["history"], batch["users"], batch["hours"], batch["contexts"]
-        ).float()  # [b, dim]
+        query_emb = self.query_tower(QueryBatch.from_mapping(batch)).float()  # [b, dim]
         exclude = None
         if "seen_values" in batch:
             exclude = (batch["seen_values"].cpu().numpy(), batch["seen_offsets"].cpu().numpy())
