@@ -17,6 +17,7 @@ from twotower.serve.reviews import (
     Rating,
     ReviewStore,
     build_report,
+    check_reviewer,
     pair_key,
     ratings_csv,
     wilson_interval,
@@ -61,12 +62,24 @@ def test_rate_upserts_never_duplicates(store: ReviewStore) -> None:
         (("a", "u1", "C", 0, "t", "m", "good"), "list"),
         (("a", "u1", "A", 0, "t", "m", "bad"), "rating"),
         (("a", "u1", "A", -1, "t", "m", "good"), "position"),
+        (("a\x00b", "u1", "A", 0, "t", "m", "good"), "control character U\\+0000 at position 1"),
+        (("ann\n", "u1", "A", 0, "t", "m", "good"), "control character U\\+000A"),
+        (("\x1b[2Jann", "u1", "A", 0, "t", "m", "good"), "control character U\\+001B"),
+        (("a\x85", "u1", "A", 0, "t", "m", "good"), "control character U\\+0085"),  # C1
+        (("a\ud800", "u1", "A", 0, "t", "m", "good"), "lone surrogate U\\+D800"),
     ],
 )
 def test_rate_rejects_bad_values(store: ReviewStore, args: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         store.rate(*args)
     assert store.ratings() == []
+
+
+def test_check_reviewer_strips_and_keeps_printable_names() -> None:
+    assert check_reviewer("  Zoë 🎧 O'Brien ") == "Zoë 🎧 O'Brien"
+    assert check_reviewer("李 小龙") == "李 小龙"
+    with pytest.raises(ValueError, match="empty"):
+        check_reviewer(" \u3000 ")  # ideographic space: whitespace, stripped
 
 
 def test_assignment_is_seeded_stored_and_order_free(tmp_path: Path) -> None:
