@@ -58,6 +58,9 @@ def test_spec_follows_the_tower_config() -> None:
         "users": 0,
         "hours": -1,
         "contexts": 0,
+        "skips": 0,
+        "gaps": 0,
+        "request_gaps": 0,
     }
 
 
@@ -117,7 +120,7 @@ def test_onnx_encoder_driven_by_the_manifest_alone(full_artifact) -> None:
         feeds[spec["name"]] = value
     got = session.run([desc["output"]["name"]], feeds)[0]
     with torch.no_grad():
-        want = tower(QueryBatch(*(torch.from_numpy(feeds[f.name]) for f in FIELDS))).numpy()
+        want = tower(QueryBatch(**{k: torch.from_numpy(v) for k, v in feeds.items()})).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got.shape == (b, manifest["dim"])
 

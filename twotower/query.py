@@ -28,6 +28,30 @@ OOV = 1  # an id the vocabulary does not know
 UNKNOWN_HOUR = -1
 NUM_HOURS = 24
 
+# Per-play signals. A gap is the time from the previous play to this one (or, for the request,
+# from the last play of the history to now), bucketed: 0 unknown, 1 no earlier play, then
+# 2 + the number of GAP_EDGES (seconds) it reaches. Bucket >= SESSION_BREAK (30 minutes and
+# more, the sessionizer's default) or 1 starts a new session.
+GAP_UNKNOWN = 0
+GAP_FIRST = 1
+GAP_EDGES: tuple[int, ...] = (
+    60,
+    300,
+    900,
+    1800,
+    3600,
+    3 * 3600,
+    12 * 3600,
+    86400,
+    3 * 86400,
+    7 * 86400,
+    30 * 86400,
+)
+NUM_GAPS = len(GAP_EDGES) + 3
+SESSION_BREAK = 2 + GAP_EDGES.index(1800) + 1
+NOT_SKIPPED = 0  # also "unknown": a play without a skip mark counts as listened
+SKIPPED = 1
+
 
 @dataclass(frozen=True)
 class QueryField:
@@ -84,28 +108,86 @@ CONTEXTS = QueryField(
     PAD,
     "context-type index (vocab.json contexts) of the request; 0 = unknown",
 )
-FIELDS: tuple[QueryField, ...] = (HISTORY, USERS, HOURS, CONTEXTS)
+SKIPS = QueryField(
+    "skips",
+    "int64",
+    ("batch", "length"),
+    NOT_SKIPPED,
+    "per history play: 1 = skipped (a signal, never a target), 0 = listened or not marked; "
+    "aligned with history (0 at padding)",
+)
+GAPS = QueryField(
+    "gaps",
+    "int64",
+    ("batch", "length"),
+    GAP_UNKNOWN,
+    "per history play: bucket of the time since the previous play (twotower.query.gap_buckets: "
+    "1 = no earlier play, 2.. = GAP_EDGES); 0 = unknown (no timestamps) and at padding",
+)
+REQUEST_GAPS = QueryField(
+    "request_gaps",
+    "int64",
+    ("batch",),
+    GAP_UNKNOWN,
+    "bucket of the time from the last history play to the request (same buckets); a bucket of "
+    "30 minutes or more means a new session starts; 0 = unknown",
+)
+FIELDS: tuple[QueryField, ...] = (HISTORY, USERS, HOURS, CONTEXTS, SKIPS, GAPS, REQUEST_GAPS)
+PLAY_FIELDS = ("skips", "gaps", "request_gaps")
+
+
+def gap_buckets(seconds: np.ndarray) -> np.ndarray:
+    """Gap buckets of time differences in seconds (negative: unknown -> 0), ``int64``.
+
+    ``0`` unknown, ``2 + #edges <= gap``; a caller marks "no earlier play" with ``GAP_FIRST``.
+    """
+    seconds = np.asarray(seconds, dtype=np.int64)
+    out = 2 + np.searchsorted(np.asarray(GAP_EDGES, dtype=np.int64), seconds, side="right")
+    return np.where(seconds >= 0, out, GAP_UNKNOWN).astype(np.int64)
+
+
+def play_gaps(timestamps: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Gap bucket of every play since the previous play of its sequence.
+
+    Args:
+        timestamps: Unix seconds per play in sequence order, ``[N]`` (-1 unknown).
+        starts: ``[N]`` bool, True at the first play of each sequence (gets ``GAP_FIRST``).
+
+    Returns:
+        ``[N]`` int64 buckets; 0 where either timestamp is unknown.
+    """
+    ts = np.asarray(timestamps, dtype=np.int64)
+    prev = np.concatenate([[-1], ts[:-1]]) if len(ts) else ts
+    diff = np.where((prev >= 0) & (ts >= 0), np.maximum(ts - prev, 0), -1)
+    return np.where(np.asarray(starts, dtype=bool), GAP_FIRST, gap_buckets(diff))
 
 
 @dataclass
 class QueryBatch:
     """Query-tower inputs for ``B`` queries (the query contract).
 
-    The context fields are ``[B]`` (one request per row) or, for training, ``[B, L]`` (the
-    context of the event each position predicts). ``None`` means "unknown for every row"; a
-    tower ignores the fields it was not built to read.
+    The request fields (``hours``, ``contexts``, ``request_gaps``) are ``[B]`` (one request
+    per row) or, for training, ``[B, L]`` (the context of the event each position predicts).
+    The per-play fields (``skips``, ``gaps``) are ``[B, L]``, aligned with ``history``.
+    ``None`` means "unknown for every row"; a tower ignores the fields it was not built to read.
 
     Attributes:
         history: ``[B, L]`` int64, left-padded item indices (0 pad, 1 OOV).
         users: ``[B]`` int64 listener index (0 unknown) or None.
         hours: ``[B]`` or ``[B, L]`` int64 hour of day (-1 unknown) or None.
         contexts: ``[B]`` or ``[B, L]`` int64 context-type index (0 unknown) or None.
+        skips: ``[B, L]`` int64, 1 where the play was skipped, or None (none marked).
+        gaps: ``[B, L]`` int64 gap bucket of each play (0 unknown) or None.
+        request_gaps: ``[B]`` or ``[B, L]`` int64 gap bucket of the request (0 unknown) or None.
     """
 
     history: Tensor
     users: Tensor | None = None
     hours: Tensor | None = None
     contexts: Tensor | None = None
+    skips: Tensor | None = None
+    gaps: Tensor | None = None
+    request_gaps: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.history.shape[0])
@@ -122,8 +204,17 @@ class QueryBatch:
         return QueryBatch(*(None if t is None else t.to(device) for t in self._tensors()))
 
     def with_history(self, history: Tensor) -> QueryBatch:
-        """The same context with another history (e.g. cut to the tower's ``max_len``)."""
-        return replace(self, history=history)
+        """The same context with another history (e.g. cut to the tower's ``max_len``).
+
+        Per-play fields are cut (from the left) to the new history's length.
+        """
+        length = history.shape[1]
+        cut = {
+            name: t[:, t.shape[1] - length :]
+            for name in ("skips", "gaps")
+            if (t := getattr(self, name)) is not None and t.shape[1] != length
+        }
+        return replace(self, history=history, **cut)
 
     @classmethod
     def of(cls, value: QueryBatch | Tensor) -> QueryBatch:
@@ -142,8 +233,9 @@ class QueryBatch:
             if f.name not in names:
                 continue
             t = getattr(self, f.name)
+            shape = tuple(self.history.shape) if "length" in f.shape else (len(self),)
             out[f.name] = (
-                np.full(len(self), f.unknown, np.int64)
+                np.full(shape, f.unknown, np.int64)
                 if t is None
                 else t.cpu().numpy().astype(np.int64)
             )
@@ -181,16 +273,19 @@ class QuerySpec:
     """What one query tower reads: its history length and which context fields.
 
     Attributes:
-        history_len: Longest history the tower uses (the most recent events).
+        history_len: Longest history the tower uses (the most recent plays).
         users: The tower has a listener embedding.
         hours: The tower reads the hour of day.
         contexts: The tower reads the context type.
+        play_signals: The tower reads the per-play signals (``skips``, ``gaps``) and the
+            request's gap; its history holds every play, skipped ones included.
     """
 
     history_len: int
     users: bool = False
     hours: bool = False
     contexts: bool = False
+    play_signals: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], history_len: int | None = None) -> QuerySpec:
@@ -201,6 +296,7 @@ class QuerySpec:
             users=int(config.get("num_users", 0)) > 0,
             hours=bool(config.get("use_hour", False)),
             contexts=int(config.get("num_contexts", 0)) > 0,
+            play_signals=bool(config.get("play_signals", False)),
         )
 
     @property
@@ -208,6 +304,7 @@ class QuerySpec:
         """The fields this tower reads, in ONNX input order."""
         used = {"history": True, "users": self.users, "hours": self.hours}
         used["contexts"] = self.contexts
+        used.update(dict.fromkeys(PLAY_FIELDS, self.play_signals))
         return [f for f in FIELDS if used[f.name]]
 
     @property
@@ -217,7 +314,7 @@ class QuerySpec:
 
     def describe(self) -> dict[str, Any]:
         """The manifest's description of the query inputs (enough to call the ONNX encoder)."""
-        return {
+        out: dict[str, Any] = {
             "history_len": self.history_len,
             "inputs": [f.describe() for f in self.inputs],
             "output": {
@@ -227,6 +324,10 @@ class QuerySpec:
                 "meaning": "query vector; score tracks by inner product with index.faiss rows",
             },
         }
+        if self.play_signals:
+            out["history_holds"] = "every play, skipped ones included (marked in skips)"
+            out["gap_edges_seconds"] = list(GAP_EDGES)
+        return out
 
     def build(
         self,
@@ -237,6 +338,9 @@ class QuerySpec:
         contexts: np.ndarray | None = None,
         rows: slice | None = None,
         trim: bool = False,
+        skips: np.ndarray | None = None,
+        gaps: np.ndarray | None = None,
+        request_gaps: np.ndarray | None = None,
     ) -> QueryBatch:
         """THE builder: CSR histories (item indices, oldest first) + context -> a QueryBatch.
 
@@ -249,6 +353,9 @@ class QuerySpec:
             rows: Build only queries ``rows`` (a slice of ``0..Q``).
             trim: Pad only to the longest history of the batch instead of ``history_len``
                 (encoders are invariant to leading padding; short histories cost less).
+            skips: Skipped flag per history value ``[M]`` (aligned with ``values``) or None.
+            gaps: Gap bucket per history value ``[M]`` or None (unknown).
+            request_gaps: Gap bucket of each request ``[Q]`` or None (unknown).
 
         Returns:
             The most recent ``history_len`` items of every history, left-padded, with the
@@ -258,29 +365,54 @@ class QuerySpec:
         length = self.history_len
         if trim:
             length = max(1, min(length, int(np.diff(off).max(initial=1))))
-        window = np.asarray(values[off[0] : off[-1]], dtype=np.int64)  # the rows' items only
-        hist = left_pad_last(window, off - off[0], length)  # [b, length]
+        rel = off - off[0]
+
+        def padded(column: np.ndarray) -> Tensor:
+            window = np.asarray(column[off[0] : off[-1]], dtype=np.int64)  # the rows' values
+            return torch.from_numpy(left_pad_last(window, rel, length))  # [b, length]
+
+        play = self.play_signals
         return QueryBatch(
-            history=torch.from_numpy(hist),
+            history=padded(values),
             users=_column(users, rows) if self.users else None,
             hours=_column(hours, rows) if self.hours else None,
             contexts=_column(contexts, rows) if self.contexts else None,
+            skips=padded(skips) if play and skips is not None else None,
+            gaps=padded(gaps) if play and gaps is not None else None,
+            request_gaps=_column(request_gaps, rows) if play else None,
         )
 
     def build_from(self, queries: Any, rows: slice | None = None, trim: bool = False) -> QueryBatch:
         """:meth:`build` from an object with the index arrays of queries.
 
         ``queries`` has ``history``, ``offsets``, ``users``, ``hours`` and ``contexts`` (an
-        ``EvalSet``, or raw queries mapped to a model's vocabulary).
+        ``EvalSet``, or raw queries mapped to a model's vocabulary). A tower that reads the
+        per-play signals takes its history from ``plays`` / ``plays_offsets`` (every play,
+        with ``plays_skipped`` and ``plays_gaps``) and ``request_gaps`` when the object has
+        them; otherwise from ``history`` with the signals unknown.
         """
+        plays = getattr(queries, "plays", None) if self.play_signals else None
+        if plays is None:
+            return self.build(
+                queries.history,
+                queries.offsets,
+                queries.users,
+                queries.hours,
+                queries.contexts,
+                rows=rows,
+                trim=trim,
+            )
         return self.build(
-            queries.history,
-            queries.offsets,
+            plays,
+            queries.plays_offsets,
             queries.users,
             queries.hours,
             queries.contexts,
             rows=rows,
             trim=trim,
+            skips=queries.plays_skipped,
+            gaps=queries.plays_gaps,
+            request_gaps=queries.request_gaps,
         )
 
     def example(
@@ -291,7 +423,14 @@ class QuerySpec:
         length = self.history_len
         history = torch.randint(2, num_items, (batch, length), generator=g)
         pad = torch.randint(0, length, (batch,), generator=g)  # [B] padding per row
-        history[torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)] = PAD
+        padding = torch.arange(length).unsqueeze(0) < pad.unsqueeze(1)  # [B, L]
+        history[padding] = PAD
+        play = self.play_signals
+        skips = gaps = request_gaps = None
+        if play:
+            skips = torch.randint(0, 2, (batch, length), generator=g).masked_fill(padding, 0)
+            gaps = torch.randint(0, NUM_GAPS, (batch, length), generator=g).masked_fill(padding, 0)
+            request_gaps = torch.randint(0, NUM_GAPS, (batch,), generator=g)
         return QueryBatch(
             history=history,
             users=torch.randint(0, num_users, (batch,), generator=g) if self.users else None,
@@ -299,6 +438,9 @@ class QuerySpec:
             contexts=(
                 torch.randint(0, num_contexts, (batch,), generator=g) if self.contexts else None
             ),
+            skips=skips,
+            gaps=gaps,
+            request_gaps=request_gaps,
         )
 
 

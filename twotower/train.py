@@ -251,6 +251,7 @@ class TwoTowerCLI(LightningCLI):
         # subclass mode shows only ``--data CONFIG | CLASS_PATH``: list the options themselves
         add_data_options_help(parser)
         parser.link_arguments("data.init_args.window", "model.max_len", apply_on="parse")
+        parser.link_arguments("data.init_args.play_signals", "model.play_signals", apply_on="parse")
         for name in DATA_SIZES:
             parser.link_arguments(
                 "data", f"model.{name}", compute_fn=_size_getter(name), apply_on="instantiate"

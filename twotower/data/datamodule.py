@@ -190,6 +190,9 @@ class SessionDataModule(pl.LightningDataModule):
         window: History length ``L`` of training windows and evaluation queries.
         window_stride: Events between consecutive training windows of a sequence (0 =
             ``window``: non-overlapping; smaller overlaps them, see :func:`build_windows`).
+        play_signals: Per-play signals: training windows and evaluation histories hold every
+            play (skipped ones marked, never a target) with the gap since the previous play;
+            linked to ``model.play_signals``.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (None: when CUDA is available).
         persistent_workers: Keep workers alive between epochs.
@@ -216,6 +219,7 @@ class SessionDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         window: int = 50,
         window_stride: int = 0,
+        play_signals: bool = False,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
@@ -245,6 +249,7 @@ class SessionDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.window = window
         self.window_stride = window_stride
+        self.play_signals = play_signals
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -294,7 +299,9 @@ class SessionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load the data (every rank) and build the training windows."""
         if stage in (None, "fit") and self._train is None:
-            windows = build_windows(self.data.train, self.window, self.window_stride)
+            windows = build_windows(
+                self.data.train, self.window, self.window_stride, self.play_signals
+            )
             self._train = WindowDataset(windows)
 
     # ------------------------------------------------------------------ loaders
@@ -351,7 +358,9 @@ class SessionDataModule(pl.LightningDataModule):
         """Evaluation queries of ``"valid"`` or ``"test"``."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        return EvalDataset(getattr(self.data, split), self.window, self.exclude_seen)
+        return EvalDataset(
+            getattr(self.data, split), self.window, self.exclude_seen, self.play_signals
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Validation queries in order."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from twotower.data.prepared import EvalSet
-from twotower.query import QuerySpec
+from twotower.query import PLAY_FIELDS, QuerySpec
 
 Batch = dict[str, Tensor]
 
@@ -28,13 +28,16 @@ class EvalDataset(Dataset):
         eval_set: Validation or test examples.
         window: History length ``L``.
         filter_seen: Include the seen-items CSR.
+        play_signals: Histories of every play with ``skips``, ``gaps`` and ``request_gaps``.
     """
 
-    def __init__(self, eval_set: EvalSet, window: int, filter_seen: bool) -> None:
+    def __init__(
+        self, eval_set: EvalSet, window: int, filter_seen: bool, play_signals: bool = False
+    ) -> None:
         self.eval_set = eval_set
         self.filter_seen = filter_seen
         # the query contract's builder, with every context field (towers ignore unused ones)
-        spec = QuerySpec(window, users=True, hours=True, contexts=True)
+        spec = QuerySpec(window, users=True, hours=True, contexts=True, play_signals=play_signals)
         self.queries = spec.build_from(eval_set)
         self.targets = torch.from_numpy(eval_set.targets.astype(np.int64))
 
@@ -53,6 +56,7 @@ class EvalDataset(Dataset):
             "users": q.users,
             "hours": q.hours,
             "contexts": q.contexts,
+            **{k: getattr(q, k) for k in PLAY_FIELDS if getattr(q, k) is not None},
             "targets": self.targets[idx],
             "rows": idx,
         }

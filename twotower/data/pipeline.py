@@ -320,7 +320,7 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         rows = np.flatnonzero(roles == role)
         report.count(COLD_TARGET_REASON, int((items[rows] == OOV).sum()))
         evals[name] = sp.build_eval_set(
-            rows, seq, ev.positive, items, users, ev.hour, contexts, cfg.max_history
+            rows, seq, ev.positive, items, users, ev.hour, contexts, cfg.max_history, ev.timestamp
         )
     item_counts = np.bincount(
         items[train_rows[ev.positive[train_rows]]], minlength=len(item_vocab)

@@ -21,7 +21,7 @@ import pandas as pd
 from twotower.data.report import DataReport
 from twotower.ids import Vocab
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: evaluation sets carry every play with its per-play signals
 
 
 def csr_rows(values: np.ndarray, offsets: np.ndarray, i: int) -> np.ndarray:
@@ -76,6 +76,13 @@ class EvalSet:
         seen: Every distinct item of the user's full history before the target (for optional
             filtering of already-seen items), CSR values.
         seen_offsets: ``[Q + 1]`` int64.
+        plays: Every play before the target (skipped ones too; the most recent
+            ``max_history``), CSR values ``[P]`` int64, or None: for towers that read the
+            per-play signals.
+        plays_offsets: ``[Q + 1]`` int64 (None with ``plays``).
+        plays_skipped: ``[P]`` int8, 1 where the play was skipped.
+        plays_gaps: ``[P]`` int8 gap bucket of each play (:func:`twotower.query.play_gaps`).
+        request_gaps: ``[Q]`` int8 gap bucket from the last play to the target.
     """
 
     history: np.ndarray
@@ -86,6 +93,11 @@ class EvalSet:
     contexts: np.ndarray
     seen: np.ndarray
     seen_offsets: np.ndarray
+    plays: np.ndarray | None = None
+    plays_offsets: np.ndarray | None = None
+    plays_skipped: np.ndarray | None = None
+    plays_gaps: np.ndarray | None = None
+    request_gaps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -181,6 +193,7 @@ class PreparedData:
             for name in ("train", "valid", "test"):
                 part = getattr(self, name)
                 arrays = {f.name: getattr(part, f.name) for f in fields(part)}
+                arrays = {k: v for k, v in arrays.items() if v is not None}
                 np.savez(tmp / f"{name}.npz", **arrays)
             ft = self.features
             np.savez(
@@ -242,7 +255,7 @@ class PreparedData:
         parts = {}
         for name, kind in (("train", Sequences), ("valid", EvalSet), ("test", EvalSet)):
             with np.load(path / f"{name}.npz", allow_pickle=False) as z:
-                parts[name] = kind(**{f.name: z[f.name] for f in fields(kind)})
+                parts[name] = kind(**{f.name: z[f.name] for f in fields(kind) if f.name in z})
         v = json.loads((path / "vocabs.json").read_text())
         with np.load(path / "features.npz", allow_pickle=False) as z:
             features = ItemFeatures(

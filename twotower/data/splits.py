@@ -22,6 +22,7 @@ from twotower.data.prepared import EvalSet, Sequences
 from twotower.data.report import DataReport
 from twotower.data.sessions import Events, kcore_keep, kcore_reason, renumber_sessions, run_ids
 from twotower.ids import OOV
+from twotower.query import play_gaps
 
 TRAIN, VALID, TEST, HELD_OUT = 0, 1, 2, 3
 SHORT_REASON = "row of a sequence with < 3 positives (training only)"
@@ -270,6 +271,7 @@ def build_eval_set(
     hours: np.ndarray,
     contexts: np.ndarray,
     max_history: int,
+    timestamps: np.ndarray | None = None,
 ) -> EvalSet:
     """Next-item examples for the rows ``target_rows``.
 
@@ -282,6 +284,8 @@ def build_eval_set(
         hours: Hour of day per row.
         contexts: Context index per row.
         max_history: Events kept in each history (the most recent ones).
+        timestamps: Unix seconds per row (-1 unknown); given, the set also holds every play
+            before each target with its skipped flag and gap bucket (``plays``).
     """
     off = _starts(seq)
     pos_rows = np.flatnonzero(positive)
@@ -302,6 +306,20 @@ def build_eval_set(
     seen_q, seen = key // n_items, key % n_items
     seen_off = np.zeros(len(target_rows) + 1, dtype=np.int64)
     np.cumsum(np.bincount(seen_q, minlength=len(target_rows)), out=seen_off[1:])
+    plays: dict[str, np.ndarray] = {}
+    if timestamps is not None:
+        first = np.zeros(len(seq), dtype=bool)
+        first[off[:-1][off[:-1] < len(seq)]] = True
+        gaps = play_gaps(timestamps, first).astype(np.int8)  # [N]
+        p_lo = np.maximum(off[seq[target_rows]], target_rows - max_history)
+        p_idx, p_off = _ranges(p_lo, target_rows)  # every row of the sequence before the target
+        plays = {
+            "plays": items[p_idx].astype(np.int64),
+            "plays_offsets": p_off,
+            "plays_skipped": (~positive[p_idx].astype(bool)).astype(np.int8),
+            "plays_gaps": gaps[p_idx],
+            "request_gaps": gaps[target_rows],
+        }
     return EvalSet(
         history=history.astype(np.int64),
         offsets=h_off,
@@ -311,6 +329,7 @@ def build_eval_set(
         contexts=contexts[target_rows].astype(np.int64),
         seen=seen.astype(np.int64),
         seen_offsets=seen_off,
+        **plays,
     )
 
 

@@ -1,7 +1,9 @@
 """Training windows of next-item sequences, shared by the in-memory and streaming DataModules.
 
 Every training sequence (positive events only) is cut, from its end backwards, into windows of
-``window + 1`` items, left-padded with 0; input position ``t`` predicts item ``t + 1``.
+``window + 1`` items, left-padded with 0; input position ``t`` predicts item ``t + 1``. With
+the per-play signals, windows hold every play (skipped ones too, marked in ``skips``: an input,
+never a target) and the gap bucket of each play since the previous one.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 
 from twotower.data.prepared import Sequences
+from twotower.query import play_gaps
 
 
-def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np.ndarray]:
+def build_windows(
+    seqs: Sequences, window: int, stride: int = 0, play_signals: bool = False
+) -> dict[str, np.ndarray]:
     """Training windows of the positive events of every sequence (vectorised).
 
     Windows end at the last event, then every ``stride`` events backwards. ``stride = window``
@@ -22,10 +27,12 @@ def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np
         seqs: Training sequences.
         window: ``L``: inputs per window (each window holds ``L + 1`` items).
         stride: Events between the ends of consecutive windows, ``1..L`` (0 = ``L``).
+        play_signals: Windows of every play, with ``skips`` and ``gaps``.
 
     Returns:
         ``items [W, L+1]`` int64 (0 = pad), ``hours [W, L+1]`` int64 (-1 unknown),
-        ``contexts [W, L+1]`` int64, ``users [W]`` int64.
+        ``contexts [W, L+1]`` int64, ``users [W]`` int64; with ``play_signals`` also
+        ``skips [W, L+1]`` (1 skipped) and ``gaps [W, L+1]`` (gap buckets, 0 at padding).
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -34,7 +41,7 @@ def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np
         raise ValueError(f"stride must be in 1..{window} (0 = window), got {stride}")
     num_seq = len(seqs)
     seq_of = np.repeat(np.arange(num_seq), seqs.lengths)
-    keep = seqs.positive.astype(bool)
+    keep = np.ones(len(seqs.items), dtype=bool) if play_signals else seqs.positive.astype(bool)
     items, hours, contexts = seqs.items[keep], seqs.hours[keep], seqs.contexts[keep]
     seq_of = seq_of[keep]
     n = np.bincount(seq_of, minlength=num_seq)  # positives per sequence
@@ -46,9 +53,16 @@ def build_windows(seqs: Sequences, window: int, stride: int = 0) -> dict[str, np
     rel = end[:, None] - window + np.arange(window + 1)[None, :]  # [W, L+1]
     real = rel >= 0
     src = starts[w_seq][:, None] + np.maximum(rel, 0)  # [W, L+1]
-    return {
+    out = {
         "items": np.where(real, items[src], 0).astype(np.int64),
         "hours": np.where(real, hours[src], -1).astype(np.int64),
         "contexts": np.where(real, contexts[src], 0).astype(np.int64),
         "users": seqs.users[w_seq].astype(np.int64),
     }
+    if play_signals:
+        first = np.zeros(len(seqs.items), dtype=bool)
+        first[seqs.offsets[:-1][seqs.lengths > 0]] = True
+        gaps = play_gaps(seqs.timestamps, first)
+        out["skips"] = np.where(real, ~seqs.positive[src], False).astype(np.int64)
+        out["gaps"] = np.where(real, gaps[src], 0).astype(np.int64)
+    return out

@@ -54,6 +54,11 @@ class TwoTowerModule(pl.LightningModule):
         item_bias: A learned per-item bias (popularity) folded into the dot product: the last
             of the ``dim`` coordinates is 1 in the query and the bias in the item vector, the
             other ``dim - 1`` are L2-normalised, so exports and indexes serve it as is.
+        play_signals: Read the per-play signals (skipped flag, gap since the previous play,
+            position in the session, the request's gap); linked from ``data.play_signals``,
+            whose windows then hold skipped plays as inputs.
+        signal_dropout: Share of training windows whose gaps are hidden (unknown), so a
+            history without timestamps still gets a trained answer.
         temperature: Softmax temperature (initial value when learned).
         learn_temperature: Learn the temperature (clamped to [0.01, 1]).
         num_negatives: Uniformly sampled extra negatives per step (sampled softmax).
@@ -108,6 +113,8 @@ class TwoTowerModule(pl.LightningModule):
         ffn_mult: int = 4,
         recency_bias: bool = False,
         item_bias: bool = False,
+        play_signals: bool = False,
+        signal_dropout: float = 0.1,
         temperature: float = 0.05,
         learn_temperature: bool = False,
         num_negatives: int = 0,
@@ -163,6 +170,7 @@ class TwoTowerModule(pl.LightningModule):
             ffn_mult=ffn_mult,
             recency_bias=recency_bias,
             item_bias=item_bias,
+            play_signals=play_signals,
         )
         names = ("artist", "album", "genres", "year", "audio")
         unknown = set(item_features or ()) - set(names)
@@ -211,6 +219,11 @@ class TwoTowerModule(pl.LightningModule):
             raise ValueError(
                 f"the model was built for {self.hparams.num_items} items but the data has "
                 f"{data.num_items}: link model sizes to the datamodule (train.py does)"
+            )
+        if bool(getattr(dm, "play_signals", False)) != bool(self.hparams.play_signals):
+            raise ValueError(
+                f"model.play_signals={self.hparams.play_signals} but data.play_signals="
+                f"{getattr(dm, 'play_signals', False)}: set data.play_signals (train.py links it)"
             )
         window = getattr(dm, "window", self.hparams.max_len)
         if window > self.hparams.max_len:
@@ -280,17 +293,26 @@ class TwoTowerModule(pl.LightningModule):
         Args:
             batch: ``items``, ``hours``, ``contexts`` ``[B, L+1]`` and ``users`` ``[B]``.
         """
-        items, hours, contexts = batch["items"], batch["hours"], batch["contexts"]  # [B, L+1]
+        items = batch["items"]  # [B, L+1]
         # Drop the padding columns the whole batch shares (left padding: a prefix); the
         # towers are padding-invariant, so this changes nothing but the cost.
         first = int((items != 0).any(dim=0).long().argmax())
-        if first > 0:
-            items, hours, contexts = items[:, first:], hours[:, first:], contexts[:, first:]
+        cols = {k: v[:, first:] for k, v in batch.items() if v.dim() == 2}  # [B, L'+1] each
+        items = cols["items"]
         inputs, targets = items[:, :-1], items[:, 1:]  # [B, L'], [B, L']
         # each position's context is the one of the event it predicts
-        query = QueryBatch(inputs, batch["users"], hours[:, 1:], contexts[:, 1:])
-        queries = self._sequence_fn(query)  # [B, L', dim]
+        query = QueryBatch(inputs, batch["users"], cols["hours"][:, 1:], cols["contexts"][:, 1:])
         valid = (inputs != 0) & (targets > 1)  # [B, L'] a history and a known target
+        if "skips" in cols:  # per-play signals: every play is an input, a skipped one no target
+            skips, gaps = cols["skips"], cols["gaps"]  # [B, L'+1]
+            valid &= skips[:, 1:] == 0
+            if self.training and self.hparams.get("signal_dropout", 0.0) > 0:
+                # some rows lose their gaps, so the "unknown" (no timestamps) inputs are trained
+                drop = torch.rand(gaps.shape[0], 1, device=gaps.device)
+                gaps = gaps * (drop >= self.hparams.signal_dropout).long()  # [B, L'+1]
+            query.skips, query.gaps, query.request_gaps = skips[:, :-1], gaps[:, :-1], gaps[:, 1:]
+            items = items.masked_fill(skips == 1, 0)  # skipped plays are no (later) targets
+        queries = self._sequence_fn(query)  # [B, L', dim]
         exclude = seen_pairs(inputs, valid) if self.mask_seen else None
         k = int(self.hparams.get("dense_targets", 0))
         aux = later_items(items, k)[valid] if k > 0 else None  # [N, k]

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from twotower.model.encoders import ENCODERS, CausalSelfAttentionBlock  # noqa: F401
-from twotower.query import NUM_HOURS, UNKNOWN_HOUR, QueryBatch
+from twotower.query import (
+    GAP_FIRST,
+    NUM_GAPS,
+    NUM_HOURS,
+    SESSION_BREAK,
+    SKIPPED,
+    UNKNOWN_HOUR,
+    QueryBatch,
+)
+
+MAX_SESSION_POSITION = 32  # positions in a session past this share one embedding
 
 # parameter names the encoders kept on the tower before they were modules (old state dicts)
 _ENCODER_PARAMS = frozenset({"position_embedding", "blocks", "final_norm", "recency_slope", "gru"})
@@ -64,6 +74,10 @@ class QueryTower(nn.Module):
             outputs ``dim - 1`` normalised coordinates), matching an :class:`ItemTower` built
             with ``bias=True``: the dot product becomes ``cos(q, e) + b_item``, a learned
             per-item bias (popularity) that any inner-product index serves unchanged.
+        play_signals: Read the per-play signals of the history (skipped flag, gap since the
+            previous play, and the position in the session derived from the gaps, each an
+            embedding added to the play's item embedding) and the request's gap (an embedding
+            beside the encoder state). Off: those inputs are ignored.
     """
 
     def __init__(
@@ -83,6 +97,7 @@ class QueryTower(nn.Module):
         ffn_mult: int = 4,
         recency_bias: bool = False,
         item_bias: bool = False,
+        play_signals: bool = False,
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
@@ -109,7 +124,10 @@ class QueryTower(nn.Module):
             if dim < 2:
                 raise ValueError(f"item_bias needs dim >= 2 (one is the bias), got {dim}")
             self._config["item_bias"] = True
+        if play_signals:  # likewise only when on
+            self._config["play_signals"] = True
         self.item_bias = bool(item_bias)
+        self.play_signals = bool(play_signals)
         self.encoder = encoder
         self.max_len = max_len
         self.id_dim = id_dim
@@ -140,6 +158,16 @@ class QueryTower(nn.Module):
         if num_contexts > 0:
             self.context_embedding = nn.Embedding(num_contexts, id_dim, padding_idx=0)
             in_dim += id_dim
+        self.skip_embedding = self.gap_embedding = self.position_in_session = None
+        self.request_gap_embedding = None
+        if play_signals:
+            self.skip_embedding = nn.Embedding(2, id_dim)
+            self.gap_embedding = nn.Embedding(NUM_GAPS, id_dim)
+            self.position_in_session = nn.Embedding(MAX_SESSION_POSITION + 1, id_dim)
+            for table in (self.skip_embedding, self.gap_embedding, self.position_in_session):
+                nn.init.normal_(table.weight, std=0.02)
+            self.request_gap_embedding = nn.Embedding(NUM_GAPS, id_dim)
+            in_dim += id_dim
         self.head = _head(in_dim, mlp_hidden, dim - 1 if item_bias else dim, dropout)
 
     @property
@@ -162,18 +190,46 @@ class QueryTower(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
 
     # ------------------------------------------------------------------ sequence encoders
-    def encode(self, items: Tensor) -> Tensor:
+    def encode(self, items: Tensor, query: QueryBatch | None = None) -> Tensor:
         """Causal encoder states: position ``t`` summarises events ``<= t``.
 
         Args:
             items: Left-padded item indices ``[B, L]`` (0 = pad).
+            query: The batch whose per-play signals go with ``items`` (read with
+                ``play_signals``; None: unknown).
 
         Returns:
             ``[B, L, id_dim]``; zeros at pad positions (never used as queries).
         """
         real = items != 0  # [B, L]
-        states = self.sequence_encoder(self.item_embedding(items), real)  # [B, L, id_dim]
+        x = self.item_embedding(items)  # [B, L, id_dim]
+        if self.play_signals:
+            x = x + self._play_embedding(items, query)
+        states = self.sequence_encoder(x, real)  # [B, L, id_dim]
         return states * real.unsqueeze(-1).to(states.dtype)
+
+    def _play_embedding(self, items: Tensor, query: QueryBatch | None) -> Tensor:
+        """Skipped flag + gap + position-in-session embeddings of every play ``[B, L, id_dim]``."""
+        assert self.skip_embedding is not None and self.gap_embedding is not None
+        assert self.position_in_session is not None
+        real = items != 0  # [B, L]
+        skips = None if query is None else query.skips
+        gaps = None if query is None else query.gaps
+        skipped = torch.zeros_like(items) if skips is None else (skips == SKIPPED).long()
+        gaps = torch.zeros_like(items) if gaps is None else gaps.long()
+        gaps = gaps * real.long()  # [B, L] unknown at padding
+        # position in the session: plays since the latest session start (a gap of 30 minutes
+        # or more, or no earlier play) at or before each play; unknown without gaps
+        start = ((gaps == GAP_FIRST) | (gaps >= SESSION_BREAK)).long()  # [B, L]
+        segment = torch.cumsum(start, dim=1)  # [B, L]
+        length = items.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=items.device).tril()
+        same = (segment.unsqueeze(2) == segment.unsqueeze(1)) & causal  # [B, L, L]
+        position = same.long().sum(dim=2).clamp(max=MAX_SESSION_POSITION)  # [B, L] 1-based
+        known = (segment > 0) & (gaps > 0)  # [B, L]
+        position = position * known.long()  # [B, L] 0 = unknown
+        out = self.skip_embedding(skipped) + self.gap_embedding(gaps)  # [B, L, id_dim]
+        return out + self.position_in_session(position)
 
     # ------------------------------------------------------------------ queries
     def _combine(self, states: Tensor, query: QueryBatch) -> Tensor:
@@ -194,6 +250,10 @@ class QueryTower(nn.Module):
             c = query.contexts
             c = torch.zeros(lead, dtype=torch.long, device=states.device) if c is None else c
             parts.append(self.context_embedding(c.expand(lead)))
+        if self.request_gap_embedding is not None:
+            g = query.request_gaps
+            g = torch.zeros(lead, dtype=torch.long, device=states.device) if g is None else g
+            parts.append(self.request_gap_embedding(g.long().expand(lead)))
         x = torch.cat(parts, dim=-1) if len(parts) > 1 else states
         query_emb = F.normalize(self.head(x), dim=-1)  # [..., dim or dim - 1]
         if self.item_bias:
@@ -211,7 +271,7 @@ class QueryTower(nn.Module):
             L2-normalised queries ``[B, L, dim]``.
         """
         query = QueryBatch.of(query)
-        return self._combine(self.encode(query.history), query)
+        return self._combine(self.encode(query.history, query), query)
 
     def forward(self, query: QueryBatch | Tensor) -> Tensor:
         """The query for the next item after the last event of each history.
@@ -227,10 +287,14 @@ class QueryTower(nn.Module):
         query = QueryBatch.of(query)
         history = query.history
         if history.shape[1] > self.max_len:
-            history = history[:, -self.max_len :]
+            query = query.with_history(history[:, -self.max_len :])
+            history = query.history
         if history.shape[1] == 0:
             history = torch.zeros(history.shape[0], 1, dtype=torch.long, device=history.device)
-        states = self.encode(history)[:, -1]  # [B, id_dim]
+            query = QueryBatch(
+                history, query.users, query.hours, query.contexts, request_gaps=query.request_gaps
+            )
+        states = self.encode(history, query)[:, -1]  # [B, id_dim]
         return self._combine(states, query)
 
     # ------------------------------------------------------------------ unordered data (bags)
