@@ -6,6 +6,19 @@ arguments plus a weights-only state dict, the FAISS index, the display table and
 History ids that the model has never seen are reported in :attr:`Recommendations.unknown` and
 left out of the query (their OOV embedding was never trained); they are never silently ignored.
 
+**Per-play signals.** A history may come with a play time per track (unix seconds, None where
+unknown), a skipped mark per track and the request time ``at``. For a tower that reads them
+(``play_signals``), the gap of each play is the bucketed time since the play before it in the
+history as sent (:func:`twotower.query.play_gaps`); the first play's gap is unknown (0), not
+"no earlier play", since the client's history may not be the listener's first play. An unknown
+id is dropped *with* its mark and gap, after the gaps were computed on the full history, so
+every gap still means "time since the listener's previous play". The request gap is ``at``
+minus the last play's time (``at`` defaults to now when any play has a time; without times
+every gap and the request gap are unknown). Skipped plays stay in the history (the tower was
+trained on every play, skipped ones marked); ``exclude="history"`` leaves them out of the
+answer too. A tower without play signals ignores all of this (same answers) and says so in
+``notes``.
+
 A model trained with a hashed track vocabulary (streaming, manifest ``item_vocab.kind ==
 "hash"``, format 1.1) has one index row per bucket. Its raw track ids map to rows through the
 same hash as in training: when the export listed the raw training ids of every bucket
@@ -20,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +52,20 @@ from twotower.artifact import (
 from twotower.ids import HashVocab
 from twotower.index import check_index, load_index, set_search_param
 from twotower.model.ensemble import bias_columns
-from twotower.query import NUM_HOURS, UNKNOWN_HOUR, QueryBatch, QuerySpec
+from twotower.query import (
+    GAP_UNKNOWN,
+    NUM_HOURS,
+    UNKNOWN_HOUR,
+    QueryBatch,
+    QuerySpec,
+    gap_buckets,
+    play_gaps,
+)
 
 Exclude = list[str] | str | None
+Times = list[int | None] | None  # play times of one history (unix seconds; None unknown)
+Marks = list[bool] | None  # skipped marks of one history
+NO_SIGNALS_NOTE = "this model does not use play times or skip marks"
 
 
 class UnknownTrackError(KeyError):
@@ -257,28 +282,75 @@ class Retriever:
 
     # ------------------------------------------------------------------ queries
     def _query_inputs(
-        self, histories: list[list[str]], contexts: list[dict | None]
+        self,
+        histories: list[list[str]],
+        contexts: list[dict | None],
+        timestamps: list[Times] | None = None,
+        skipped: list[Marks] | None = None,
+        at: list[int | None] | None = None,
     ) -> tuple[QueryBatch, list[list[str]], list[list[str]], list[np.ndarray]]:
-        """The QueryBatch of raw histories plus unknown ids, notes and known rows per query."""
+        """The QueryBatch of raw histories plus unknown ids, notes and known rows per query.
+
+        ``timestamps`` / ``skipped`` / ``at``: per query, aligned with ``histories`` (see the
+        module docstring); None for every query or for one query: unknown / not marked.
+        """
         n = len(histories)
+        timestamps = _per_query(timestamps, n, "timestamps")
+        skipped = _per_query(skipped, n, "skipped")
+        at = _per_query(at, n, "at")
         users = np.zeros(n, dtype=np.int64)
         hours = np.full(n, UNKNOWN_HOUR, dtype=np.int64)
         ctx = np.zeros(n, dtype=np.int64)
-        unknown, notes, known_rows = [], [], []
+        request_gaps = np.full(n, GAP_UNKNOWN, dtype=np.int64)
+        unknown, notes, known_rows, skips, gaps = [], [], [], [], []
+        now = None
         for q, (hist, c) in enumerate(zip(histories, contexts, strict=True)):
             hist = [str(h) for h in hist]
             rows = self.rows_of(hist) if hist else np.zeros(0, dtype=np.int64)
+            known = rows >= 0
             unknown.append(list(dict.fromkeys(h for h, r in zip(hist, rows, strict=True) if r < 0)))
-            known_rows.append(rows[rows >= 0])
+            known_rows.append(rows[known])
             note: list[str] = []
             if c:
                 users[q], hours[q], ctx[q] = self._context(c, note)
+            ts = _times(timestamps[q], len(hist), q)  # [n_q] int64, -1 unknown
+            marks = _marks(skipped[q], len(hist), q)  # [n_q] int64
+            # gaps over the history as sent (its first play: unknown), then dropped with the id
+            gaps.append(play_gaps(ts, np.zeros(len(ts), dtype=bool))[known])
+            skips.append(marks[known])
+            request_at = at[q]
+            if request_at is not None:
+                request_at = _time(request_at, "at" if n == 1 else f"at[{q}]")
+            if len(ts) and ts[-1] >= 0:
+                if request_at is None:  # default: now (a clock a little behind is no error)
+                    now = int(time.time()) if now is None else now
+                    request_at = max(now, int(ts[-1]))
+                elif request_at < ts[-1]:
+                    raise ValueError(
+                        f"at ({request_at}) is earlier than the last play of the history "
+                        f"({int(ts[-1])})"
+                    )
+                request_gaps[q] = gap_buckets(np.array([request_at - ts[-1]]))[0]
+            signals = (ts >= 0).any() or marks.any() or at[q] is not None
+            if signals and not self.spec.play_signals:
+                note.append(NO_SIGNALS_NOTE)
             notes.append(note)
         lengths = np.fromiter((len(r) for r in known_rows), np.int64, n)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        values = np.concatenate([*known_rows, np.zeros(0, np.int64)]) + 2  # item index = row + 2
+        empty = np.zeros(0, np.int64)
+        values = np.concatenate([*known_rows, empty]) + 2  # item index = row + 2
         # padded only to the longest history of the batch: a 20-event history costs 20 positions
-        query = self.spec.build(values, offsets, users, hours, ctx, trim=True)
+        query = self.spec.build(
+            values,
+            offsets,
+            users,
+            hours,
+            ctx,
+            trim=True,
+            skips=np.concatenate([*skips, empty]),
+            gaps=np.concatenate([*gaps, empty]),
+            request_gaps=request_gaps,
+        )  # a tower without play signals gets none of them (the spec leaves them out)
         return query, unknown, notes, known_rows
 
     def _context(self, c: dict, notes: list[str]) -> tuple[int, int, int]:
@@ -313,11 +385,20 @@ class Retriever:
 
     @torch.inference_mode()
     def query_embeddings(
-        self, histories: list[list[str]], contexts: list[dict | None] | None = None
+        self,
+        histories: list[list[str]],
+        contexts: list[dict | None] | None = None,
+        timestamps: list[Times] | None = None,
+        skipped: list[Marks] | None = None,
+        at: list[int | None] | int | None = None,
     ) -> np.ndarray:
-        """Query vectors ``[Q, d]`` of histories (unknown ids left out)."""
+        """Query vectors ``[Q, d]`` of histories (unknown ids left out).
+
+        ``timestamps``, ``skipped`` and ``at`` as in :meth:`recommend_batch`.
+        """
         contexts = contexts or [None] * len(histories)
-        query, _, _, _ = self._query_inputs(histories, contexts)
+        at = [at] * len(histories) if isinstance(at, int | np.integer) else at
+        query, _, _, _ = self._query_inputs(histories, contexts, timestamps, skipped, at)
         return self.query_tower(query).float().numpy()  # [Q, d]
 
     def _search(
@@ -366,6 +447,9 @@ class Retriever:
         exclude: Exclude | list[Exclude] = None,
         contexts: list[dict | None] | None = None,
         batch_size: int = 1024,
+        timestamps: list[Times] | None = None,
+        skipped: list[Marks] | None = None,
+        at: list[int | None] | int | None = None,
     ) -> list[Recommendations]:
         """:meth:`recommend` for many histories at once (one tower pass and one search per batch).
 
@@ -376,6 +460,16 @@ class Retriever:
                 a per-query list of those, or None.
             contexts: Per-query context dicts (see :meth:`recommend`) or None.
             batch_size: Queries per tower pass and index search.
+            timestamps: Per query, the play time of every history track (unix seconds, None
+                where unknown), or None; None for all: unknown.
+            skipped: Per query, a skipped mark per history track, or None (none skipped).
+            at: Request time per query (or one for all; unix seconds); None: now when the
+                history has play times, else unknown.
+
+        Raises:
+            ValueError: Bad ``k``, ``exclude``, lengths that do not match the histories, play
+                times that are not integers >= 0 or not oldest first, or ``at`` earlier than
+                the last play.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -386,10 +480,18 @@ class Retriever:
         per_query = isinstance(exclude, list) and bool(exclude) and isinstance(exclude[0], list)
         if per_query and len(exclude) != len(histories):
             raise ValueError(f"{len(exclude)} exclude lists for {len(histories)} histories")
+        n = len(histories)
+        at = [at] * n if isinstance(at, int | np.integer) else at
+        timestamps = _per_query(timestamps, n, "timestamps")
+        skipped = _per_query(skipped, n, "skipped")
+        at = _per_query(at, n, "at")
         results: list[Recommendations] = []
         for s in range(0, len(histories), batch_size):
             hs, cs = histories[s : s + batch_size], contexts[s : s + batch_size]
-            query, unknown, notes, known = self._query_inputs(hs, cs)
+            part = slice(s, s + batch_size)
+            query, unknown, notes, known = self._query_inputs(
+                hs, cs, timestamps[part], skipped[part], at[part]
+            )
             with torch.inference_mode():
                 query_emb = self.query_tower(query).float().numpy()  # [b, d]
             excl = []
@@ -414,21 +516,31 @@ class Retriever:
         k: int = 10,
         exclude: Exclude = None,
         context: dict | None = None,
+        *,
+        timestamps: Times = None,
+        skipped: Marks = None,
+        at: int | None = None,
     ) -> Recommendations:
         """The next tracks for a listening history.
 
         Args:
             history: Track ids, oldest first (only the last ``history_len`` known ones count).
             k: Number of recommendations.
-            exclude: ``"history"`` (never recommend a track of the history), a list of track
-                ids, or None.
+            exclude: ``"history"`` (never recommend a track of the history, skipped ones
+                included), a list of track ids, or None.
             context: Optional ``{"hour": 0..23, "context_type": str, "user": str}``; values the
                 model does not use or does not know are listed in ``notes``.
+            timestamps: Play time of every history track (unix seconds, oldest first; None
+                where unknown), or None: no times (every gap unknown).
+            skipped: Whether each history track was skipped, or None: none marked.
+            at: Request time (unix seconds); None: now when the history has play times.
 
         Returns:
             Ids, titles, artists, scores (best first) and the history ids that were unknown.
         """
-        return self.recommend_batch([history], k, exclude, [context])[0]
+        return self.recommend_batch(
+            [history], k, exclude, [context], timestamps=[timestamps], skipped=[skipped], at=[at]
+        )[0]
 
     def similar_tracks(self, track_id: str, k: int = 10) -> Recommendations:
         """Tracks whose vectors are closest to ``track_id``'s (the track itself excluded).
@@ -448,6 +560,57 @@ class Retriever:
         return self._result(rows, scores, [], [])
 
 
+def _per_query(values: list | None, n: int, name: str) -> list:
+    """One entry per query (None for all when ``values`` is None); a length mismatch raises."""
+    if values is None:
+        return [None] * n
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} entries for {n} histories")
+    return values
+
+
+def _time(value: object, name: str) -> int:
+    """A unix time in seconds: an integer >= 0 (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be an integer number of unix seconds >= 0, got {value!r}")
+    return int(value)
+
+
+def _times(ts: Times, n: int, q: int) -> np.ndarray:
+    """Play times of one history ``[n]`` int64 (-1 unknown), checked: oldest first."""
+    if ts is None:
+        return np.full(n, -1, dtype=np.int64)
+    ts = list(ts)
+    if len(ts) != n:
+        raise ValueError(f"query {q}: {len(ts)} timestamps for {n} history tracks")
+    out = np.array(
+        [-1 if t is None else _time(t, f"timestamps[{i}]") for i, t in enumerate(ts)],
+        dtype=np.int64,
+    )
+    known = np.flatnonzero(out >= 0)
+    back = np.flatnonzero(np.diff(out[known]) < 0)
+    if len(back):
+        i, j = known[back[0]], known[back[0] + 1]
+        raise ValueError(
+            f"query {q}: play times must be oldest first, but play {j} ({out[j]}) is earlier "
+            f"than play {i} ({out[i]})"
+        )
+    return out
+
+
+def _marks(marks: Marks, n: int, q: int) -> np.ndarray:
+    """Skipped marks of one history ``[n]`` int64 (1 skipped)."""
+    if marks is None:
+        return np.zeros(n, dtype=np.int64)
+    marks = list(marks)
+    if len(marks) != n:
+        raise ValueError(f"query {q}: {len(marks)} skipped marks for {n} history tracks")
+    if not all(isinstance(m, bool | np.bool_) for m in marks):
+        raise ValueError(f"query {q}: skipped marks must be booleans")
+    return np.asarray(marks, dtype=np.int64)
+
+
 def _text(items: pd.DataFrame, col: str) -> np.ndarray:
     if col not in items.columns:
         return np.full(len(items), "", dtype=object)
@@ -456,17 +619,25 @@ def _text(items: pd.DataFrame, col: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- CLI
-def history_of(args: argparse.Namespace) -> list[str]:
-    """The listening history of ``twotower recommend``, oldest first.
+def plays_of(args: argparse.Namespace) -> tuple[list[str], Times, Marks]:
+    """The listening history of ``twotower recommend`` with its play times and skip marks.
 
     From, in this order: ``--history-file`` (one id per line, blank lines skipped),
-    ``--history-json`` (a JSON list of ids), every ``--track ID`` and ``--history a,b,c``
-    (comma-separated: only for ids without commas).
+    ``--history-json`` (a JSON list whose entries are ids, or objects
+    ``{"track": id, "ts": unix seconds, "skipped": bool}`` with ``ts`` and ``skipped``
+    optional), every ``--track ID`` and ``--history a,b,c`` (comma-separated: only for ids
+    without commas). Plays given as plain ids have no time and no skip mark.
+
+    Returns:
+        Ids (oldest first), play times (None when no play has one) and skipped marks (None
+        when none is marked), aligned with the ids.
 
     Raises:
-        ValueError: ``--history-json`` is not a JSON list of strings.
+        ValueError: ``--history-json`` is not such a list.
     """
     out: list[str] = []
+    times: list[int | None] = []
+    marks: list[bool] = []
     path = getattr(args, "history_file", None)
     if path:
         text = Path(path).read_text(encoding="utf-8")
@@ -474,16 +645,56 @@ def history_of(args: argparse.Namespace) -> list[str]:
     raw = getattr(args, "history_json", None)
     if raw:
         try:
-            ids = json.loads(raw)
+            entries = json.loads(raw)
         except json.JSONDecodeError as e:
             raise ValueError(f"--history-json: not JSON ({e})") from None
-        if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
-            raise ValueError('--history-json expects a JSON list of ids, e.g. \'["a,b", "c"]\'')
-        out += [str(i) for i in ids]
+        if not isinstance(entries, list):
+            raise ValueError(
+                '--history-json expects a JSON list of ids or plays, e.g. \'["a,b", "c"]\' or '
+                '\'[{"track": "a", "ts": 1700000000, "skipped": true}]\''
+            )
+        times += [None] * len(out)
+        marks += [False] * len(out)
+        for i, entry in enumerate(entries):
+            track, ts, skipped = _cli_play(entry, i)
+            out.append(track)
+            times.append(ts)
+            marks.append(skipped)
     out += [str(t) for t in (getattr(args, "tracks", None) or [])]
     comma = getattr(args, "history", "") or ""
     out += [h.strip() for h in comma.split(",") if h.strip()]
-    return out
+    times += [None] * (len(out) - len(times))
+    marks += [False] * (len(out) - len(marks))
+    return (
+        out,
+        times if any(t is not None for t in times) else None,
+        marks if any(marks) else None,
+    )
+
+
+def _cli_play(entry: object, i: int) -> tuple[str, int | None, bool]:
+    """(track id, play time, skipped) of one ``--history-json`` entry."""
+    where = f"--history-json[{i}]"
+    if isinstance(entry, str | int) and not isinstance(entry, bool):
+        return str(entry), None, False
+    if not isinstance(entry, dict) or "track" not in entry:
+        raise ValueError(f'{where}: expected an id or {{"track": id, "ts": ..., "skipped": ...}}')
+    extra = sorted(set(entry) - {"track", "ts", "skipped"})
+    if extra:
+        raise ValueError(f"{where}: unknown keys {extra}; expected track, ts, skipped")
+    track, ts, skipped = entry["track"], entry.get("ts"), entry.get("skipped", False)
+    if not isinstance(track, str | int) or isinstance(track, bool):
+        raise ValueError(f"{where}.track: expected a string or integer id, got {track!r}")
+    if ts is not None:
+        ts = _time(ts, f"{where}.ts")
+    if not isinstance(skipped, bool):
+        raise ValueError(f"{where}.skipped: expected true or false, got {skipped!r}")
+    return str(track), ts, skipped
+
+
+def history_of(args: argparse.Namespace) -> list[str]:
+    """The track ids of ``twotower recommend``'s history, oldest first (see :func:`plays_of`)."""
+    return plays_of(args)[0]
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -495,10 +706,12 @@ def cli_main(args: argparse.Namespace) -> int:
             print(f"tracks similar to {args.track}:")
             print(rec.format())
             return 0
-        history = history_of(args)
+        history, times, marks = plays_of(args)
         exclude = "history" if retriever.filter_seen else None
-        rec = retriever.recommend(history, k=args.k, exclude=exclude)
-    except (KeyError, ArtifactError) as e:
+        signals = {"timestamps": times, "skipped": marks}
+        signals = {name: v for name, v in signals.items() if v is not None}  # only when given
+        rec = retriever.recommend(history, k=args.k, exclude=exclude, **signals)
+    except (KeyError, ValueError, ArtifactError) as e:
         print(f"twotower {args.command}: error: {e}", file=sys.stderr)
         return 2
     if rec.unknown:
