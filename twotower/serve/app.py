@@ -21,6 +21,14 @@ Batcher` into one ``Retriever.recommend_batch`` call (one query-tower forward, o
 search); a request alone is answered at once (see that module for when batches flush).
 ``twotower serve --workers N`` runs N processes (uvicorn workers over :func:`app_from_env`).
 
+**Per-play signals.** A history entry is a track id or a play ``{"track": id, "ts": unix
+seconds, "skipped": bool}`` (``ts`` and ``skipped`` optional; the two forms mix), and the
+request may say when it is made (``at``, unix seconds). Play times must be oldest first and
+``at`` no earlier than the last play (else 422, naming the field). A model trained with play
+signals reads them; without times every gap is unknown and ``at`` defaults to the server's
+clock when some play has a time (see :mod:`twotower.retrieve`); a plain id is a play that was
+not skipped. A model without play signals answers as if only the ids were sent, with a note.
+
 Tracks of the history are left out of the answer when the request says ``exclude_history``;
 without it the artifact decides (``filter_seen`` of the run's data config, as in evaluation),
 which is also what the listener view uses, so its hits match the evaluation protocol. The demo
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import ipaddress
 import json
 import math
@@ -54,10 +63,21 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from twotower.retrieve import NO_SIGNALS_NOTE
 from twotower.serve.batcher import Batcher
 from twotower.serve.catalogue import (
     HOLDOUT_FILE,
@@ -76,6 +96,7 @@ MAX_K = 200
 MAX_HISTORY = 500
 MAX_BODY_BYTES = 64 * 1024
 MAX_SEARCH = 50
+MAX_TS = 2**40  # unix seconds: anything later is a unit mistake (milliseconds), not a time
 BATCH_WINDOW_MS = 2.0
 MAX_BATCH = 64
 ENV_CONFIG = "TWOTOWER_SERVE_CONFIG"
@@ -121,14 +142,43 @@ class Context(BaseModel):
     )
 
 
+class Play(BaseModel):
+    """One play of the history with its per-play signals."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    track: TrackId = Field(..., description="track id")
+    ts: int | None = Field(
+        None, ge=0, le=MAX_TS, description="when it was played, unix seconds (a JSON integer)"
+    )
+    skipped: bool | None = Field(None, description="the listener skipped it (default false)")
+
+
+def _entry_kind(value: Any) -> str:
+    """Which form a history entry takes: an object is a play, anything else an id."""
+    return "play" if isinstance(value, dict | Play) else "id"
+
+
+HistoryEntry = Annotated[
+    Annotated[TrackId, Tag("id")] | Annotated[Play, Tag("play")],
+    Discriminator(_entry_kind),
+]
+
+
 class RecommendRequest(BaseModel):
     """Body of ``POST /recommend`` (strict: no strings for numbers, no booleans for integers)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    history: list[TrackId] = Field(
+    history: list[HistoryEntry] = Field(
         ...,
         max_length=MAX_HISTORY,
-        description="track ids, oldest first; empty or all unknown: popular tracks and a note",
+        description="oldest first: track ids, or plays {track, ts, skipped} (ts and skipped "
+        "optional; forms may mix); empty or all unknown: popular tracks and a note",
+    )
+    at: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TS,
+        description="when the request is made, unix seconds; null: now when a play has a time",
     )
     k: int = Field(10, ge=1, le=MAX_K, description="a JSON integer")
     context: Context | None = None
@@ -137,6 +187,46 @@ class RecommendRequest(BaseModel):
         description="never recommend a track of the history; null: the artifact's choice "
         "(its data config's filter_seen, as in evaluation)",
     )
+
+    @field_validator("history")
+    @classmethod
+    def _oldest_first(cls, history: list[str | Play]) -> list[str | Play]:
+        last: tuple[int, int] | None = None  # (position, time) of the latest timed play
+        for i, entry in enumerate(history):
+            ts = entry.ts if isinstance(entry, Play) else None
+            if ts is None:
+                continue
+            if last is not None and ts < last[1]:
+                raise ValueError(
+                    f"history.{i}.ts ({ts}) is earlier than history.{last[0]}.ts ({last[1]}): "
+                    "plays must be oldest first"
+                )
+            last = (i, ts)
+        return history
+
+    @model_validator(mode="after")
+    def _at_after_last_play(self) -> RecommendRequest:
+        times = self.timestamps()
+        if self.at is not None and times and times[-1] is not None and self.at < times[-1]:
+            raise ValueError(
+                f"at ({self.at}) is earlier than the last play, history.{len(times) - 1}.ts "
+                f"({times[-1]})"
+            )
+        return self
+
+    def track_ids(self) -> list[str]:
+        """The history's track ids, oldest first."""
+        return [e.track if isinstance(e, Play) else e for e in self.history]
+
+    def timestamps(self) -> list[int | None] | None:
+        """Play time per history entry (None where unknown), or None when no play has one."""
+        ts = [e.ts if isinstance(e, Play) else None for e in self.history]
+        return ts if any(t is not None for t in ts) else None
+
+    def skipped(self) -> list[bool] | None:
+        """Skipped mark per history entry, or None when none is marked."""
+        marks = [bool(e.skipped) if isinstance(e, Play) else False for e in self.history]
+        return marks if any(marks) else None
 
 
 class RecommendResponse(BaseModel):
@@ -245,12 +335,23 @@ class RecommendJob:
         k: Recommendations wanted.
         exclude: Leave the history's tracks out (already resolved from the artifact default).
         context: Context dict for the retriever, or None.
+        timestamps: Play time per history track (None where unknown), or None: no times.
+        skipped: Skipped mark per history track, or None: none marked.
+        at: Request time (unix seconds), or None: the retriever's default.
     """
 
     history: list[str]
     k: int
     exclude: bool
     context: dict | None
+    timestamps: list[int | None] | None = None
+    skipped: list[bool] | None = None
+    at: int | None = None
+
+    @property
+    def has_signals(self) -> bool:
+        """Whether the job carries any per-play signal or a request time."""
+        return any(v is not None for v in (self.timestamps, self.skipped, self.at))
 
 
 def _cold_start(
@@ -284,25 +385,54 @@ def _job(
     k: int,
     exclude_history: bool | None,
     context: dict | None,
+    timestamps: list[int | None] | None = None,
+    skipped: list[bool] | None = None,
+    at: int | None = None,
 ) -> RecommendJob | None:
     """The retriever query of a request, or None when its history has no known track."""
     if not history or not model.catalogue.known(history).any():
         return None
     exclude = model.filter_seen if exclude_history is None else bool(exclude_history)
-    return RecommendJob(list(history), k, exclude, context)
+    return RecommendJob(list(history), k, exclude, context, timestamps, skipped, at)
+
+
+_SIGNAL_ARGS = ("timestamps", "skipped", "at")
+_takes_signals: dict[type, bool] = {}
+
+
+def _reads_signals(retriever: Any) -> bool:
+    """Whether a retriever's ``recommend`` takes the per-play signals (a RetrieverLike may not)."""
+    kind = type(retriever)
+    if kind not in _takes_signals:
+        try:
+            params = inspect.signature(retriever.recommend).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _takes_signals[kind] = all(a in params for a in _SIGNAL_ARGS) or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
+    return _takes_signals[kind]
 
 
 def _run_jobs(model: LoadedModel, jobs: list[RecommendJob]) -> list[RecommendResponse]:
     """Answer jobs with one ``recommend_batch`` call: one tower forward, one index search.
 
     The search asks for the largest ``k`` of the jobs and each answer keeps its own first
-    ``k`` (exact for a flat index; an approximate one may break ties differently).
+    ``k`` (exact for a flat index; an approximate one may break ties differently). The
+    per-play signals go to the retriever only when some job has them (and it takes them).
     """
     batch = getattr(model.retriever, "recommend_batch", None)
+    signals = any(j.has_signals for j in jobs)
+    ignored = signals and not _reads_signals(model.retriever)
+    signals = signals and not ignored
     if batch is None or len(jobs) == 1:
         recs = [
             model.retriever.recommend(
-                j.history, k=j.k, exclude="history" if j.exclude else None, context=j.context
+                j.history,
+                k=j.k,
+                exclude="history" if j.exclude else None,
+                context=j.context,
+                **({a: getattr(j, a) for a in _SIGNAL_ARGS} if signals else {}),
             )
             for j in jobs
         ]
@@ -316,8 +446,14 @@ def _run_jobs(model: LoadedModel, jobs: list[RecommendJob]) -> list[RecommendRes
             k=max(j.k for j in jobs),
             exclude=exclude,
             contexts=[j.context for j in jobs],
+            **({a: [getattr(j, a) for j in jobs] for a in _SIGNAL_ARGS} if signals else {}),
         )
-    return [_as_response(r, j.k) for r, j in zip(recs, jobs, strict=True)]
+    out = [_as_response(r, j.k) for r, j in zip(recs, jobs, strict=True)]
+    if ignored:
+        for resp, j in zip(out, jobs, strict=True):
+            if j.has_signals and NO_SIGNALS_NOTE not in resp.notes:
+                resp.notes.append(NO_SIGNALS_NOTE)
+    return out
 
 
 def _recommend(
@@ -455,10 +591,20 @@ def create_app(
     @app.post("/recommend", response_model=RecommendResponse, summary="Next tracks")
     async def recommend(req: RecommendRequest) -> RecommendResponse:
         ctx = (req.context.model_dump(exclude_none=True) if req.context else None) or None
-        job = _job(model, req.history, req.k, req.exclude_history, ctx)
+        history = req.track_ids()
+        job = _job(
+            model,
+            history,
+            req.k,
+            req.exclude_history,
+            ctx,
+            req.timestamps(),
+            req.skipped(),
+            req.at,
+        )
         try:
             if job is None:
-                return _cold_start(model, req.history, req.k, ctx)
+                return _cold_start(model, history, req.k, ctx)
             if batcher is None:
                 return (await run_in_threadpool(_run_jobs, model, [job]))[0]
             return await batcher.submit(job)
