@@ -80,7 +80,7 @@ from twotower.index import (
 )
 from twotower.model.ensemble import bias_columns
 from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
-from twotower.query import QueryBatch, QuerySpec, left_pad_last
+from twotower.query import QueryBatch, QuerySpec, left_pad_last, play_gaps
 
 log = logging.getLogger("twotower")
 
@@ -483,6 +483,59 @@ def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarr
     return hist, (hist != 0).any(axis=1)
 
 
+def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
+    """Latest ``window`` plays of every user index ``2..U-1`` with their per-play signals.
+
+    For towers that read the per-play signals: every play (skipped ones marked), the gap
+    bucket of each as in training (:func:`twotower.query.play_gaps` over each training
+    sequence; the evaluation sets' ``plays_gaps``). A user's latest plays are their test
+    example's plays plus its target (gap: the test ``request_gaps``) when they have one, else
+    the plays of their training sequences in time order. Plays of ids unknown to the model
+    (OOV) are left out with their signals, as the Retriever does.
+
+    Returns:
+        ``history``, ``skips``, ``gaps``: ``[U-2, window]`` int64, left-padded with 0.
+    """
+    n_users = data.num_users
+    tr = data.train
+    user_of = np.repeat(tr.users, tr.lengths)  # [N]
+    first = np.zeros(len(tr.items), dtype=bool)
+    first[tr.offsets[:-1][tr.lengths > 0]] = True
+    columns = {
+        "history": tr.items.astype(np.int64),
+        "skips": (~tr.positive.astype(bool)).astype(np.int64),
+        "gaps": play_gaps(tr.timestamps, first),
+    }
+    keep = (user_of >= 2) & (columns["history"] >= 2)
+    rows = np.flatnonzero(keep)
+    order = rows[np.lexsort((rows, tr.timestamps[rows], user_of[rows]))]  # by user, time
+    counts = np.bincount(user_of[order], minlength=n_users)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = {k: left_pad_last(v[order], offsets, window) for k, v in columns.items()}
+    te = data.test
+    if len(te) and te.plays is not None:
+        q_of = np.repeat(np.arange(len(te)), np.diff(te.plays_offsets))
+        has_target = te.targets >= 2
+        vals = np.concatenate([te.plays, te.targets[has_target]]).astype(np.int64)
+        test_cols = {
+            "history": vals,
+            "skips": np.concatenate([te.plays_skipped, np.zeros(has_target.sum())]),
+            "gaps": np.concatenate([te.plays_gaps, te.request_gaps[has_target]]),
+        }
+        q_all = np.concatenate([q_of, np.flatnonzero(has_target)])
+        pos = np.concatenate([np.arange(len(te.plays)), np.full(has_target.sum(), len(vals))])
+        keep = vals >= 2
+        order = np.flatnonzero(keep)[np.lexsort((pos[keep], q_all[keep]))]
+        t_off = np.concatenate([[0], np.cumsum(np.bincount(q_all[keep], minlength=len(te)))])
+        last_row = {int(u): q for q, u in enumerate(te.users) if u >= 2}  # latest example wins
+        users_with_test = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
+        latest = np.fromiter(last_row.values(), np.int64, len(last_row))
+        for k, v in test_cols.items():
+            padded = left_pad_last(v[order].astype(np.int64), t_off, window)  # [Q, window]
+            out[k][users_with_test] = padded[latest]
+    return {k: v[2:] for k, v in out.items()}
+
+
 def _holdout_frame(
     data: Any, window: int, limit: int, track_ids: list[str]
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -721,11 +774,19 @@ def export_checkpoint(
     if users:
         if data.num_users <= 2:
             raise ValueError(f"{checkpoint}: --users, but the data has no listener ids")
-        uh, has_events = _latest_user_histories(data, window)  # [U, window] left-padded
-        real = uh != 0
-        offsets = np.concatenate([[0], np.cumsum(real.sum(axis=1))])
         uids = np.arange(2, data.num_users)
-        user_q = spec.build(uh[real], offsets, users=uids)  # latest history, context unknown
+        plays = spec.play_signals and (not len(data.test) or data.test.plays is not None)
+        if plays:  # every play with its signals, as the tower was trained
+            latest = _latest_user_plays(data, window)  # [U, window] each, left-padded
+        else:
+            uh, _ = _latest_user_histories(data, window)  # [U, window] left-padded
+            latest = {"history": uh}
+        real = latest["history"] != 0
+        has_events = real.any(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(real.sum(axis=1))])
+        signals = {k: latest[k][real] for k in ("skips", "gaps") if k in latest}
+        # latest history, context unknown (request gap too)
+        user_q = spec.build(latest["history"][real], offsets, users=uids, **signals)
         user_emb = _query_vectors(tower, user_q, dev, batch_size)
         if not has_events.all():
             log.warning(
