@@ -104,10 +104,21 @@ function demoPage() {
   let searchSeq = 0;
   let searchTimer = null;
 
+  // Every session play carries its time (when it was added here, unix seconds; null for plays
+  // copied from a held-out listener, whose times the page does not know) and a skipped mark.
+  const now = () => Math.floor(Date.now() / 1000);
+
   function addToSession(t) {
-    session.push({ track_id: t.track_id, title: t.title, artist: t.artist });
+    session.push({ track_id: t.track_id, title: t.title, artist: t.artist, ts: now(), skipped: false });
     renderSession();
     refreshRecs();
+  }
+
+  // The /recommend history: one play object per session track (ts only when known).
+  function sessionPlays() {
+    return session.map((t) => (t.ts == null
+      ? { track: t.track_id, skipped: !!t.skipped }
+      : { track: t.track_id, ts: t.ts, skipped: !!t.skipped }));
   }
 
   function renderSession() {
@@ -115,6 +126,13 @@ function demoPage() {
     clear(ol);
     session.forEach((t, i) => {
       const li = trackItem(t);
+      li.classList.toggle("skipped", !!t.skipped);
+      const sk = el("button", "small skip", t.skipped ? "skipped" : "skip");
+      sk.type = "button";
+      sk.title = t.skipped ? "mark as listened" : "mark as skipped";
+      sk.setAttribute("aria-pressed", t.skipped ? "true" : "false");
+      sk.addEventListener("click", () => { t.skipped = !t.skipped; renderSession(); refreshRecs(); });
+      li.appendChild(sk);
       const rm = el("button", "small remove", "×");
       rm.type = "button";
       rm.title = "remove";
@@ -138,7 +156,7 @@ function demoPage() {
     $("recs-info").textContent = "…";
     try {
       const res = await api("/recommend", {
-        json: { history: session.map((t) => t.track_id), k: 10, exclude_history: true },
+        json: { history: sessionPlays(), at: now(), k: 10, exclude_history: true },
       });
       if (seq !== recSeq) return;
       clear(ol);
@@ -297,7 +315,7 @@ function demoPage() {
   $("listener-to-session").addEventListener("click", () => {
     if (!current) return;
     session.length = 0;
-    current.history.slice(-50).forEach((t) => session.push(t));
+    current.history.slice(-50).forEach((t) => session.push({ ...t, ts: null, skipped: false }));
     renderSession();
     refreshRecs();
     showTab("session");
