@@ -229,7 +229,9 @@ class QueryTower(nn.Module):
         known = (segment > 0) & (gaps > 0)  # [B, L]
         position = position * known.long()  # [B, L] 0 = unknown
         out = self.skip_embedding(skipped) + self.gap_embedding(gaps)  # [B, L, id_dim]
-        return out + self.position_in_session(position)
+        out = out + self.position_in_session(position)  # [B, L, id_dim]
+        # nothing at padding: a mean encoder sums every position, so padding must add zero
+        return out * real.unsqueeze(-1).to(out.dtype)
 
     # ------------------------------------------------------------------ queries
     def _combine(self, states: Tensor, query: QueryBatch) -> Tensor:

@@ -1,0 +1,513 @@
+"""Per-play signals (skipped marks, gaps, the request gap) carried to every serving consumer.
+
+Towers built directly show that a play-signal tower really reads each field and a plain one
+ignores them. One tiny model with ``data.play_signals`` is trained once (1 epoch) and exported
+(Flat, listener vectors, ONNX); on it: the manifest's description, ONNX parity from the
+manifest alone (gaps bucketed by the client from ``gap_edges_seconds``), listener vectors from
+each user's latest plays, the Retriever's gaps / skips / request gap and its OOV rule, the HTTP
+API with and without times and marks (batched too), strict 422s and a small fuzz, the
+``twotower recommend`` CLI, and the demo page in headless Chromium (the skip mark reaches the
+request).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fixtures import fit_tiny
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from twotower.export import export_checkpoint, write_artifact
+from twotower.model.towers import QueryTower
+from twotower.query import GAP_EDGES, GAP_FIRST, NUM_GAPS, QueryBatch, gap_buckets
+from twotower.retrieve import NO_SIGNALS_NOTE, Retriever
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from twotower.serve.app import RecommendJob, _run_jobs, create_app  # noqa: E402
+
+# the headless Chromium fixture and helpers of the browser tests (they skip with the reason)
+from test_browser import _ids, _serve, _wait, driver  # noqa: E402, F401
+
+V = 40  # item vocabulary incl. pad and OOV
+T0 = 1_700_000_000  # a unix time
+
+
+def _tower(play_signals: bool, encoder: str = "transformer", seed: int = 0) -> QueryTower:
+    torch.manual_seed(seed)
+    return QueryTower(
+        V, dim=8, id_dim=8, encoder=encoder, max_len=6, num_layers=1, num_heads=2,
+        dropout=0.0, play_signals=play_signals,
+    ).eval()  # fmt: skip
+
+
+def _q(tower: QueryTower, skips=None, gaps=None, request_gaps=None) -> torch.Tensor:
+    h = torch.tensor([[0, 5, 6, 7]])
+    as_t = lambda v: None if v is None else torch.tensor(v)  # noqa: E731
+    batch = QueryBatch(h, skips=as_t(skips), gaps=as_t(gaps), request_gaps=as_t(request_gaps))
+    with torch.no_grad():
+        return tower(batch)
+
+
+# ------------------------------------------------------------------------------ the towers
+@pytest.mark.parametrize("encoder", ["transformer", "gru", "mean"])
+def test_skip_gap_and_request_gap_change_a_play_signal_query_only(encoder: str) -> None:
+    play, plain = _tower(True, encoder), _tower(False, encoder)
+    base = dict(skips=[[0, 0, 0, 0]], gaps=[[0, 0, 3, 3]], request_gaps=[3])
+    variants = [
+        dict(base, skips=[[0, 0, 1, 0]]),  # one play marked skipped
+        dict(base, skips=[[0, 0, 0, 1]]),  # the latest one
+        dict(base, gaps=[[0, 0, 3, 9]]),  # a long gap before the last play (new session)
+        dict(base, gaps=[[0, GAP_FIRST, 3, 3]]),  # the first play known as the first
+        dict(base, request_gaps=[NUM_GAPS - 1]),  # the request a month later
+    ]
+    ref_play, ref_plain = _q(play, **base), _q(plain, **base)
+    for v in variants:
+        assert (_q(play, **v) - ref_play).abs().max() > 1e-4, v  # the field is read
+        torch.testing.assert_close(_q(plain, **v), ref_plain)  # and ignored without signals
+    torch.testing.assert_close(_q(plain), ref_plain)  # no signals at all: same as unknown ones
+    # None (not given) is "unknown" for a play-signal tower: the same as explicit zeros
+    zeros = dict(skips=[[0] * 4], gaps=[[0] * 4], request_gaps=[0])
+    torch.testing.assert_close(_q(play), _q(play, **zeros))
+
+
+def test_mean_encoder_with_play_signals_is_padding_invariant() -> None:
+    tower = _tower(True, "mean")
+    h, s, g = [5, 6, 7], [0, 1, 0], [0, 3, 4]
+    with torch.no_grad():
+        short = tower(
+            QueryBatch(torch.tensor([h]), skips=torch.tensor([s]), gaps=torch.tensor([g]))
+        )
+        pad = [0, 0, 0]
+        long = tower(
+            QueryBatch(
+                torch.tensor([pad + h]), skips=torch.tensor([pad + s]), gaps=torch.tensor([pad + g])
+            )
+        )
+    torch.testing.assert_close(short, long)
+
+
+# -------------------------------------------------------------- a hand-built artifact
+def _hand_artifact(root: Path, play_signals: bool) -> Path:
+    tower = _tower(play_signals)
+    n = V - 2
+    ids = [f"t{i}" for i in range(n)]
+    emb = torch.nn.functional.normalize(
+        torch.randn(n, 8, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    items = pd.DataFrame({"track_id": pd.Series(ids, dtype="string")})
+    return write_artifact(
+        root, query_tower=tower, item_emb=emb.numpy(), items=items,
+        vocab={"tracks": ids, "users": [], "contexts": []}, index="Flat",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hand(tmp_path_factory) -> dict[str, Retriever]:
+    root = tmp_path_factory.mktemp("hand")
+    return {
+        "play": Retriever.load(_hand_artifact(root / "play", True)),
+        "plain": Retriever.load(_hand_artifact(root / "plain", False)),
+    }
+
+
+def test_retriever_gaps_skips_and_request_gap(hand) -> None:
+    r = hand["play"]
+    hist = ["t3", "nope", "t5", "t7", "t9"]
+    ts = [T0, T0 + 30, T0 + 400, None, T0 + 4000]
+    marks = [False, True, True, False, False]
+    q, unknown, notes, known = r._query_inputs([hist], [None], [ts], [marks], [T0 + 4000 + 7200])
+    assert unknown == [["nope"]] and notes == [[]]
+    assert q.history.tolist() == [[5, 7, 9, 11]]  # row + 2; "nope" left out
+    # gaps over the history as sent: the first play unknown (not GAP_FIRST), "nope" 30 s after
+    # t3, t5 370 s after "nope" (its real neighbour, not t3), t7 and t9 next to an unknown time
+    assert q.gaps.tolist() == [[0, int(gap_buckets(np.array([370]))[0]), 0, 0]]
+    assert q.skips.tolist() == [[0, 1, 0, 0]]  # the skip mark of "nope" left with it
+    assert q.request_gaps.tolist() == [2 + sum(e <= 7200 for e in GAP_EDGES)]  # 2 h
+    # the same batch through THE builder gives the same vectors
+    built = r.spec.build(
+        np.array([5, 7, 9, 11]), np.array([0, 4]), skips=np.array([0, 1, 0, 0]),
+        gaps=q.gaps[0].numpy(), request_gaps=q.request_gaps.numpy(),
+    )  # fmt: skip
+    with torch.no_grad():
+        want = r.query_tower(built).numpy()
+    got = r.query_embeddings([hist], timestamps=[ts], skipped=[marks], at=T0 + 4000 + 7200)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # no times: every gap and the request gap unknown; at alone cannot make a request gap
+    q, *_ = r._query_inputs([hist], [None], [None], [marks], [T0])
+    assert q.gaps.tolist() == [[0, 0, 0, 0]] and q.request_gaps.tolist() == [0]
+    # at defaults to now when the history has times
+    q, *_ = r._query_inputs([["t3"]], [None], [[int(time.time()) - 7200]], None, None)
+    assert q.request_gaps.tolist() == [2 + sum(e <= 7200 for e in GAP_EDGES)]
+    q, *_ = r._query_inputs([["t3"]], [None], None, None, None)
+    assert q.request_gaps.tolist() == [0] and q.gaps.tolist() == [[0]]
+
+
+def test_skip_mark_and_times_change_the_answer_of_a_play_signal_model_only(hand) -> None:
+    hist = ["t3", "t5", "t7"]
+    ts = [T0, T0 + 200, T0 + 90_000]
+    for name, changes in (("play", True), ("plain", False)):
+        r = hand[name]
+        bare = r.recommend(hist, k=38)
+        marked = r.recommend(hist, k=38, skipped=[False, False, True])
+        timed = r.recommend(hist, k=38, timestamps=ts, at=T0 + 90_100)
+        for other in (marked, timed):
+            differ = not np.allclose(bare.scores, other.scores, atol=1e-6)
+            assert differ is changes, name
+            assert (NO_SIGNALS_NOTE in other.notes) is not changes
+        assert bare.notes == []
+    # a plain model: the very same answer as before the signals existed
+    plain = hand["plain"]
+    a, b = (
+        plain.recommend(hist, k=10),
+        plain.recommend(hist, k=10, timestamps=ts, skipped=[1 > 0] * 3),
+    )
+    assert a.ids == b.ids and a.scores == b.scores
+    # exclude="history" leaves skipped tracks out too
+    rec = hand["play"].recommend(hist, k=37, exclude="history", skipped=[True, False, False])
+    assert not set(rec.ids) & set(hist)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"timestamps": [T0, T0 - 1]}, "oldest first"),
+        ({"timestamps": [T0]}, "1 timestamps for 2"),
+        ({"timestamps": [T0, True]}, "unix seconds"),
+        ({"timestamps": [T0, 1.5]}, "unix seconds"),
+        ({"timestamps": [T0, -3]}, "unix seconds"),
+        ({"skipped": [True]}, "1 skipped marks for 2"),
+        ({"skipped": [True, "yes"]}, "booleans"),
+        ({"timestamps": [T0, T0 + 9], "at": T0}, "earlier than the last play"),
+        ({"at": 1.0}, "unix seconds"),
+    ],
+)
+def test_retriever_refuses_bad_signals(hand, kwargs: dict, match: str) -> None:
+    for r in hand.values():  # validated whether or not the model reads them
+        with pytest.raises(ValueError, match=match):
+            r.recommend(["t3", "t5"], k=3, **kwargs)
+
+
+# ------------------------------------------------------------------ a trained model
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """Tiny synthetic run with play signals (1 epoch), exported with users and ONNX."""
+    pytest.importorskip("onnxruntime")
+    root = tmp_path_factory.mktemp("play")
+    ckpt = fit_tiny(root, "run", **{"data.play_signals": True})
+    art = export_checkpoint(
+        ckpt, str(root / "art"), index="Flat", users=True, onnx=True, progress=False
+    )
+    return {"art": art, "retriever": Retriever.load(art)}
+
+
+def _data(manifest: dict):
+    from twotower.data.pipeline import DataConfig, prepare_data
+
+    hp = manifest["data"]["datamodule"]
+    fields = DataConfig.__dataclass_fields__
+    return prepare_data(DataConfig(**{k: v for k, v in hp.items() if k in fields}))
+
+
+def test_manifest_describes_the_play_inputs_and_onnx_takes_them(trained) -> None:
+    manifest = json.loads((trained["art"] / "manifest.json").read_text())
+    desc = manifest["query_tower"]
+    names = [i["name"] for i in desc["inputs"]]
+    assert names == ["history", "skips", "gaps", "request_gaps"]  # tiny: no user/hour/context
+    assert manifest["onnx"]["inputs"] == names and manifest["query_tower"]["args"]["play_signals"]
+    assert desc["gap_edges_seconds"] == list(GAP_EDGES)
+    assert "skipped ones included" in desc["history_holds"]
+    assert trained["retriever"].spec.play_signals
+
+
+def _client_feeds(
+    desc: dict, plays: list[list[tuple[int, int, bool]]], at: list[int], length: int
+) -> dict:
+    """ONNX inputs as a client knowing only the manifest builds them: (item, ts, skipped)."""
+    edges = np.asarray(desc["gap_edges_seconds"])
+    b = len(plays)
+    feeds = {}
+    for spec in desc["inputs"]:
+        shape = [b if a == "batch" else length for a in spec["shape"]]
+        feeds[spec["name"]] = np.full(shape, spec["unknown"], dtype=spec["dtype"])
+    for r, row in enumerate(plays):
+        n = len(row)
+        assert desc["inputs"][0]["padding"] == "left"
+        feeds["history"][r, length - n :] = [p[0] for p in row]
+        feeds["skips"][r, length - n :] = [int(p[2]) for p in row]
+        # gap: 2 + the number of edges the time since the previous play reaches; the first
+        # play of a client's history: unknown (the manifest's unknown value)
+        gaps = [0] + [2 + int((edges <= row[i][1] - row[i - 1][1]).sum()) for i in range(1, n)]
+        feeds["gaps"][r, length - n :] = gaps
+        feeds["request_gaps"][r] = 2 + int((edges <= at[r] - row[-1][1]).sum())
+    return feeds
+
+
+def test_onnx_parity_from_the_manifest_alone(trained) -> None:
+    """onnxruntime, fed from the manifest's description, matches the torch tower and the
+    Retriever's own raw-id path (which pads only to the batch's longest history)."""
+    import onnxruntime as ort
+
+    art, r = trained["art"], trained["retriever"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    desc = manifest["query_tower"]
+    session = ort.InferenceSession(str(art / manifest["onnx"]["file"]))
+    assert [i.name for i in session.get_inputs()] == [i["name"] for i in desc["inputs"]]
+    rng = np.random.default_rng(0)
+    plays, at = [], []
+    for n in (1, 3, 7, desc["history_len"]):
+        ts = T0 + np.cumsum(rng.choice([20, 200, 2000, 90_000], n))
+        rows = rng.integers(0, len(r), n)
+        plays.append(
+            [(int(i) + 2, int(t), bool(rng.random() < 0.4)) for i, t in zip(rows, ts, strict=True)]
+        )
+        at.append(int(ts[-1]) + int(rng.choice([5, 4000, 200_000])))
+    for length in (desc["history_len"], 8):  # the length axis is free for every per-play input
+        sub = [p[-length:] for p in plays]
+        feeds = _client_feeds(desc, sub, at, length)
+        got = session.run([desc["output"]["name"]], feeds)[0]
+        with torch.no_grad():
+            want = r.query_tower(QueryBatch(**{k: torch.from_numpy(v) for k, v in feeds.items()}))
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        if length == desc["history_len"]:
+            ids = [[str(r.ids[p[0] - 2]) for p in row] for row in sub]
+            mine = r.query_embeddings(
+                ids, timestamps=[[p[1] for p in row] for row in sub],
+                skipped=[[p[2] for p in row] for row in sub], at=at,
+            )  # fmt: skip
+            np.testing.assert_allclose(mine, got, atol=1e-5)
+    # the skip marks matter in the exported graph as well
+    flipped = dict(feeds, skips=1 - feeds["skips"])
+    assert np.abs(session.run(None, flipped)[0] - got).max() > 1e-4
+
+
+def test_listener_vectors_use_the_latest_plays_with_their_signals(trained) -> None:
+    art, r = trained["art"], trained["retriever"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    data = _data(manifest)
+    te = data.test
+    user_emb = np.load(art / "user_embeddings.npy")
+    users = pd.read_parquet(art / "users.parquet") if (art / "users.parquet").exists() else None
+    assert user_emb.shape[0] == data.num_users - 2 and (
+        users is None or len(users) == len(user_emb)
+    )
+    last = {int(u): q for q, u in enumerate(te.users) if u >= 2}
+    checked = 0
+    for u, q in list(last.items())[:5]:
+        lo, hi = te.plays_offsets[q], te.plays_offsets[q + 1]
+        vals = np.concatenate([te.plays[lo:hi], [te.targets[q]]])
+        skips = np.concatenate([te.plays_skipped[lo:hi], [0]])
+        gaps = np.concatenate([te.plays_gaps[lo:hi], [te.request_gaps[q]]])
+        keep = vals >= 2  # OOV plays left out with their signals
+        q_built = r.spec.build(
+            vals[keep], np.array([0, keep.sum()]), skips=skips[keep], gaps=gaps[keep]
+        )
+        with torch.no_grad():
+            want = r.query_tower(q_built).numpy()[0]
+        np.testing.assert_allclose(user_emb[u - 2], want, atol=1e-5)
+        # and not what positives only, without signals, would give
+        pos = vals[keep][skips[keep] == 0]
+        with torch.no_grad():
+            plain = r.query_tower(r.spec.build(pos, np.array([0, len(pos)]))).numpy()[0]
+        assert np.abs(plain - want).max() > 1e-4
+        checked += 1
+    assert checked == 5
+
+
+def test_http_with_and_without_times_and_marks(trained) -> None:
+    r = trained["retriever"]
+    client = TestClient(create_app(trained["art"]))
+    ids = [str(x) for x in r.ids[[3, 40, 41, 7]]]
+    ts = [T0, T0 + 190, T0 + 400, T0 + 7000]
+    marks = [False, True, False, False]
+    body = {
+        "history": [
+            ids[0],  # a plain id: no time, not skipped
+            {"track": ids[1], "ts": ts[1], "skipped": True},
+            {"track": ids[2], "ts": ts[2]},
+            {"track": ids[3], "ts": ts[3], "skipped": False},
+        ],
+        "at": T0 + 9000,
+        "k": 5,
+    }
+    got = client.post("/recommend", json=body)
+    assert got.status_code == 200, got.text
+    want = r.recommend(ids, k=5, timestamps=[None, *ts[1:]], skipped=marks, at=T0 + 9000)
+    assert [t["track_id"] for t in got.json()["items"]] == want.ids
+    np.testing.assert_allclose([t["score"] for t in got.json()["items"]], want.scores, atol=1e-5)
+    # the documented default: ids alone answer, as the Retriever does without signals
+    bare = client.post("/recommend", json={"history": ids, "k": 5})
+    assert (
+        bare.status_code == 200
+        and [t["track_id"] for t in bare.json()["items"]] == r.recommend(ids, k=5).ids
+    )
+    assert bare.json()["notes"] == []
+    assert [t["score"] for t in bare.json()["items"]] != [t["score"] for t in got.json()["items"]]
+    # all plays unknown: the cold-start answer, signals or not
+    cold = client.post(
+        "/recommend", json={"history": [{"track": "nope", "ts": T0, "skipped": True}]}
+    )
+    assert cold.status_code == 200 and cold.json()["unknown"] == ["nope"]
+
+
+def test_batched_jobs_carry_their_own_signals(trained) -> None:
+    """One recommend_batch call for mixed jobs gives each the answer it gets alone."""
+    from twotower.serve.catalogue import load_model
+
+    r = trained["retriever"]
+    model = load_model(trained["art"], lambda p: r)
+    ids = [str(x) for x in r.ids[[3, 40, 41]]]
+    jobs = [
+        RecommendJob(ids, 4, False, None),
+        RecommendJob(
+            ids, 4, False, None, [T0, T0 + 60, T0 + 4000], [False, True, False], T0 + 5000
+        ),
+        RecommendJob(ids, 3, True, None, None, [True, False, False], None),
+        RecommendJob(ids[:2], 4, False, None, [T0, T0 + 100_000], None, None),
+    ]
+    together = _run_jobs(model, jobs)
+    alone = [_run_jobs(model, [j])[0] for j in jobs]
+    for a, b in zip(together, alone, strict=True):
+        assert [t.track_id for t in a.items] == [t.track_id for t in b.items]
+    assert [t.track_id for t in together[0].items] != [t.track_id for t in together[1].items] or (
+        together[0].items[0].score != together[1].items[0].score
+    )
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"history": [{"track": "t1", "ts": "5"}]}, "history.0.play.ts"),
+        ({"history": [{"track": "t1", "ts": 1.0}]}, "history.0.play.ts"),
+        ({"history": [{"track": "t1", "ts": True}]}, "history.0.play.ts"),
+        ({"history": [{"track": "t1", "ts": -1}]}, "history.0.play.ts"),
+        ({"history": [{"track": "t1", "ts": 2**41}]}, "history.0.play.ts"),  # milliseconds
+        ({"history": ["t1", {"track": "t2", "skipped": 1}]}, "history.1.play.skipped"),
+        ({"history": [{"track": "t1", "skipped": "yes"}]}, "history.0.play.skipped"),
+        ({"history": [{"track": 5}]}, "history.0.play.track"),
+        ({"history": [{"track": ""}]}, "history.0.play.track"),
+        ({"history": [{"ts": 5}]}, "history.0.play.track"),
+        ({"history": [{"track": "t1", "when": 5}]}, "history.0.play.when"),
+        ({"history": [{"track": "\ud800"}]}, "history.0.play.track"),
+        ({"history": [["t1"]]}, "history.0"),
+        (
+            {"history": [{"track": "t1", "ts": T0}, "t2", {"track": "t3", "ts": T0 - 1}]},
+            "history.2.ts",
+        ),
+        ({"history": [{"track": "t1", "ts": T0}], "at": T0 - 1}, "at"),
+        ({"history": ["t1"], "at": "now"}, "at"),
+        ({"history": ["t1"], "at": 1.5}, "at"),
+        ({"history": ["t1"], "at": False}, "at"),
+    ],
+)
+def test_play_fields_are_strict(trained, body: dict, field: str) -> None:
+    client = TestClient(create_app(trained["art"]), raise_server_exceptions=False)
+    raw = json.dumps(body).encode()
+    r = client.post("/recommend", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert field in r.json()["message"], r.json()["message"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(trained) -> TestClient:
+    return TestClient(create_app(trained["art"]), raise_server_exceptions=False)
+
+
+ANY = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6)
+PLAY = st.fixed_dictionaries(
+    {},
+    optional={
+        "track": st.sampled_from([f"t{i}" for i in range(8)] + ["nope", ""]) | ANY,
+        "ts": st.integers(-10, 2**41) | st.integers(T0, T0 + 10**6) | ANY,
+        "skipped": st.booleans() | ANY,
+        "extra": ANY,
+    },
+)
+
+
+@settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    history=st.lists(PLAY | st.sampled_from(["t1", "t2", "nope"]) | ANY, max_size=6),
+    at=st.none() | st.integers(-5, 2**41) | st.integers(T0, T0 + 10**6) | ANY,
+    k=st.integers(0, 12),
+)
+def test_fuzz_play_fields_never_5xx(fuzz_client, history, at, k) -> None:
+    body = {"history": history, "k": k}
+    if at is not None:
+        body["at"] = at
+    r = fuzz_client.post(
+        "/recommend", content=json.dumps(body, allow_nan=True).encode(),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (body, r.status_code, r.text[:300])
+    if r.status_code == 422:
+        assert r.json()["message"]
+
+
+def test_cli_history_json_takes_plays(trained, capsys) -> None:
+    from twotower.cli import main
+
+    r = trained["retriever"]
+    ids = [str(x) for x in r.ids[[3, 40]]]
+    plays = [{"track": ids[0], "ts": T0}, {"track": ids[1], "ts": T0 + 100, "skipped": True}]
+    argv = ["recommend", "--artifacts", str(trained["art"]), "-k", "3"]
+    assert main([*argv, "--history-json", json.dumps(plays)]) == 0
+    out = capsys.readouterr().out
+    want = r.recommend(ids, k=3, timestamps=[T0, T0 + 100], skipped=[False, True])
+    assert [line.split()[1] for line in out.strip().splitlines()[1:]] == want.ids
+    for bad in ([{"track": ids[0], "ts": "x"}], [{"track": ids[0], "skip": True}], [{"ts": 1}]):
+        assert main([*argv, "--history-json", json.dumps(bad)]) == 2
+        assert "--history-json[0]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the demo page
+@pytest.mark.slow
+def test_demo_page_sends_the_skip_mark_and_play_times(trained, driver) -> None:
+    from selenium.webdriver.common.by import By
+
+    calls: list[dict] = []
+
+    class Recording(Retriever):
+        def recommend_batch(self, histories, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            calls.append({"histories": histories, **kwargs})
+            return super().recommend_batch(histories, *args, **kwargs)
+
+    r = trained["retriever"]
+    track = str(r.ids[5])
+    with _serve(create_app(trained["art"], loader=Recording.load)) as url:
+        drv = driver
+        drv.get(url + "/")
+        _wait(drv, lambda d: "tracks" in d.find_element(By.ID, "health").text)
+        drv.find_element(By.ID, "search").send_keys(track)
+        _wait(drv, lambda d: track in _ids(d, "#search-results li"))
+        drv.find_element(By.CSS_SELECTOR, f'#search-results li[data-track-id="{track}"]').click()
+        _wait(drv, lambda d: len(_ids(d, "#recs li")) == 10)
+        first = calls[-1]
+        assert first["histories"] == [[track]] and first.get("skipped") == [None]
+        (added,) = first["timestamps"][0]  # the time the play was added, in unix seconds
+        assert abs(added - time.time()) < 120 and first["at"][0] >= added
+        drv.find_element(By.CSS_SELECTOR, "#session li .skip").click()
+        _wait(drv, lambda d: calls[-1].get("skipped") == [[True]])
+        assert calls[-1]["timestamps"] == [[added]]
+        assert drv.find_elements(By.CSS_SELECTOR, "#session li.skipped")
+        want = r.recommend(
+            [track],
+            k=10,
+            exclude="history",
+            timestamps=[added],
+            skipped=[True],
+            at=calls[-1]["at"][0],
+        ).ids
+        _wait(drv, lambda d: _ids(d, "#recs li") == want)
