@@ -32,10 +32,10 @@ from twotower.retrieve import NO_SIGNALS_NOTE, Retriever
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from twotower.serve.app import RecommendJob, _run_jobs, create_app  # noqa: E402
-
 # the headless Chromium fixture and helpers of the browser tests (they skip with the reason)
 from test_browser import _ids, _serve, _wait, driver  # noqa: E402, F401
+
+from twotower.serve.app import RecommendJob, _run_jobs, create_app  # noqa: E402
 
 V = 40  # item vocabulary incl. pad and OOV
 T0 = 1_700_000_000  # a unix time
@@ -474,7 +474,7 @@ def test_cli_history_json_takes_plays(trained, capsys) -> None:
 
 # ------------------------------------------------------------------ the demo page
 @pytest.mark.slow
-def test_demo_page_sends_the_skip_mark_and_play_times(trained, driver) -> None:
+def test_demo_page_sends_the_skip_mark_and_play_times(trained, driver) -> None:  # noqa: F811
     from selenium.webdriver.common.by import By
 
     calls: list[dict] = []
