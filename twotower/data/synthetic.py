@@ -17,13 +17,22 @@ The generator plants a structure that a good model must recover, and that tests 
   sessions of one user are separated by at least ``min_gap_hours`` plus an exponential gap
   (mean ``mean_gap_hours``), so a 30-minute inactivity sessionizer recovers every session
   exactly. Hour of day follows from the timestamp (UTC); each session has a context type.
+* **Scrobble-log options** (all off by default; the ``scrobble`` preset turns them on):
+  ``p_album_next`` continues with the artist's next track in album order (artist runs);
+  ``p_repeat`` re-plays a track of the listener's own earlier sessions (a non-skipped play,
+  uniform over the history, or towards recent plays with ``repeat_recency`` > 1, so favourites
+  — tracks played often — come back most); ``activity_shape`` makes listeners unequally active
+  (gamma-Poisson sessions); ``span_days`` spreads every listener's sessions over that many days
+  (months of history for a forward-in-time split; every listener active from start to end).
 * **Track metadata**: title ``"Track N"``, artist ``"Artist M"``, album, genres ``"genre-C"``
   (sometimes also the next genre on the ring), a year that depends on the cluster, and audio
   features ``f_*`` drawn around a per-cluster centroid.
 
 Generation is vectorised: the only Python loop runs over session positions (at most 50), so 20M
-plays take seconds, not minutes. :func:`load` is the ``synthetic`` format of the loader registry;
-:func:`ground_truth` returns the planted clusters and tastes for tests.
+plays take seconds, not minutes. Re-plays are resolved after the walk by index arithmetic on the
+listener's earlier rows (pointer jumping through re-plays of re-plays). :func:`load` is the
+``synthetic`` format of the loader registry; :func:`ground_truth` returns the planted clusters
+and tastes for tests.
 """
 
 from __future__ import annotations
@@ -75,6 +84,8 @@ class SyntheticConfig:
         zipf: Zipf exponent of popularity within a cluster.
         p_same_artist: Probability that the next track is by the same artist.
         p_drift: Probability that the next track comes from a neighbouring cluster.
+        p_album_next: Probability that the next track is the artist's next one in album order
+            (after the last track, the artist's first): artist runs that follow albums.
         max_tastes: Users have 1..``max_tastes`` tastes (uniform), at most ``n_clusters``.
         skip_rate: Skip probability of a track in one of the user's tastes.
         skip_rate_off: Skip probability of a track outside the user's tastes.
@@ -85,6 +96,18 @@ class SyntheticConfig:
         start_date: ISO date of the earliest possible play (UTC).
         n_plays: Target number of plays; when set, ``n_users`` is derived from it
             (the result is within a few percent of the target).
+        p_repeat: Probability that a play starts re-playing the listener's history: a
+            non-skipped play of its earlier sessions (kept as drawn when there is none). The
+            next play goes on with the plays that followed it with probability
+            ``p_same_artist + p_album_next``, else starts afresh from the session's cluster.
+            Re-plays are skipped at ``skip_rate``.
+        repeat_recency: Shape of the re-played position in the history: 1 is uniform over
+            the earlier plays, larger values lean towards recent plays (density ``x^(r-1)``).
+        activity_shape: Gamma shape of per-listener activity (sessions are 1 + Poisson with a
+            gamma-distributed mean, same average); None gives every listener the same mean.
+        span_days: Spread each listener's sessions over this many days from ``start_date``
+            (idle time cut at uniform random points, gaps still at least ``min_gap_hours``);
+            None chains sessions with ``mean_gap_hours`` gaps after a start in the first 14 days.
         seed: Random seed: equal seeds give identical data.
     """
 
@@ -108,6 +131,11 @@ class SyntheticConfig:
     mean_gap_hours: float = 30.0
     start_date: str = "2023-01-01"
     n_plays: int | None = None
+    p_album_next: float = 0.0
+    p_repeat: float = 0.0
+    repeat_recency: float = 1.0
+    activity_shape: float | None = None
+    span_days: float | None = None
     seed: int = 0
 
     @property
@@ -127,6 +155,11 @@ class SyntheticConfig:
             return self.n_users
         return max(1, round(self.n_plays / (self.sessions_per_user * self.mean_length)))
 
+    @property
+    def history_dependent(self) -> bool:
+        """Whether the next play depends on more than the previous one (album order, re-plays)."""
+        return self.p_album_next > 0 or self.p_repeat > 0
+
     def validate(self) -> None:
         """Raise :class:`DataError` on impossible settings."""
         if not 1 <= self.max_session_length <= MAX_SESSION_LENGTH:
@@ -139,9 +172,19 @@ class SyntheticConfig:
             raise DataError("synthetic: sessions_per_user and session_length must be >= 1")
         if not 1 <= self.max_tastes <= self.n_clusters:
             raise DataError("synthetic: max_tastes must be in 1..n_clusters")
-        probs = (self.p_same_artist, self.p_drift, self.skip_rate, self.skip_rate_off)
-        if any(not 0.0 <= p <= 1.0 for p in probs) or self.p_same_artist + self.p_drift > 1:
-            raise DataError("synthetic: probabilities must be in [0, 1] (same_artist+drift <= 1)")
+        probs = (self.p_same_artist, self.p_drift, self.p_album_next, self.p_repeat)
+        probs += (self.skip_rate, self.skip_rate_off)
+        steps = self.p_same_artist + self.p_drift + self.p_album_next
+        if any(not 0.0 <= p <= 1.0 for p in probs) or steps > 1:
+            raise DataError(
+                "synthetic: probabilities must be in [0, 1] (same_artist+drift+album_next <= 1)"
+            )
+        if self.repeat_recency <= 0:
+            raise DataError("synthetic: repeat_recency must be > 0")
+        if self.activity_shape is not None and self.activity_shape <= 0:
+            raise DataError("synthetic: activity_shape must be > 0 (or null)")
+        if self.span_days is not None and self.span_days <= 0:
+            raise DataError("synthetic: span_days must be > 0 (or null)")
         if self.n_plays is not None and self.n_plays < 1:
             raise DataError("synthetic: n_plays must be >= 1")
 
@@ -159,6 +202,27 @@ PRESETS: dict[str, SyntheticConfig] = {
     # The default config: 3,000 users, 5,000 tracks, ~300k plays (about a minute of training
     # for a small model on a 2-core CPU).
     "default": SyntheticConfig(),
+    # Shaped like a Last.fm-1K scrobble log, for forward-in-time evaluation: ~350 listeners of
+    # unequal activity over ~6 months, ~250k plays, a 240k-track long tail (most played tracks
+    # are played once or twice), artist runs in album order, re-plays of the listener's own
+    # history, skips.
+    "scrobble": SyntheticConfig(
+        n_users=350,
+        n_clusters=20,
+        artists_per_cluster=400,
+        tracks_per_artist=30,
+        tracks_per_album=10,
+        sessions_per_user=60.0,
+        session_length=12.0,
+        zipf=0.9,
+        p_same_artist=0.15,
+        p_album_next=0.5,
+        p_drift=0.05,
+        p_repeat=0.15,
+        repeat_recency=2.0,
+        activity_shape=2.0,
+        span_days=182.0,
+    ),
 }
 
 
@@ -316,7 +380,12 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
     t_cluster, t_artist = cat["cluster"], cat["artist"]
 
     # Sessions, ordered by user.
-    n_sess = 1 + rng.poisson(cfg.sessions_per_user - 1.0, size=n_users)
+    if cfg.activity_shape is None:
+        n_sess = 1 + rng.poisson(cfg.sessions_per_user - 1.0, size=n_users)
+    else:
+        shape = cfg.activity_shape
+        activity = rng.gamma(shape, 1.0 / shape, size=n_users)  # mean 1
+        n_sess = 1 + rng.poisson((cfg.sessions_per_user - 1.0) * activity)
     s_user = np.repeat(np.arange(n_users), n_sess)  # [S]
     n_s = len(s_user)
     pick = (rng.random(n_s) * n_tastes[s_user]).astype(np.int64)
@@ -332,6 +401,9 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
     skipped = np.empty(n_rows, dtype=bool)
     within = np.empty(n_rows, dtype=np.int32)
     cur = np.empty(n_s, dtype=np.int64)
+    # Re-plays of the listener's history: 1 starts a re-played stretch, 2 goes on with it.
+    replay = np.zeros(n_rows, dtype=np.int8)
+    fresh = np.zeros(n_s, dtype=bool)  # [S] the previous play was a re-play
     clock = np.zeros(n_s, dtype=np.int64)  # [S] seconds since the session started
     active = np.arange(n_s)
     for p in range(cfg.max_session_length):
@@ -340,12 +412,23 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
         if len(active) == 0:
             break
         home = s_cluster[active]
+        go_on = np.zeros(len(active), dtype=bool)  # the run goes on with a re-played stretch
         if p == 0:
             nxt = _sample_block(cluster_cdf, home, per_cluster, rng)
         else:
             r = rng.random(len(active))
             same = r < cfg.p_same_artist
             drift = (r >= cfg.p_same_artist) & (r < cfg.p_same_artist + cfg.p_drift)
+            if cfg.history_dependent:
+                album = (r >= cfg.p_same_artist + cfg.p_drift) & (
+                    r < cfg.p_same_artist + cfg.p_drift + cfg.p_album_next
+                )
+                # After a re-play the run goes on in the re-played stretch (same artist or
+                # album order), else it starts afresh from the session's cluster.
+                after_replay = fresh[active]
+                go_on = after_replay & (same | album)
+                same &= ~after_replay
+                album &= ~after_replay
             step = np.where(rng.random(len(active)) < 0.5, -1, 1)
             src = np.where(drift, (home + step) % cfg.n_clusters, home)
             nxt = _sample_block(cluster_cdf, src, per_cluster, rng)
@@ -363,7 +446,16 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
                 shift = rng.integers(1, cfg.tracks_per_artist, size=int(rep.sum()))
                 base = t_artist[prev[rep]] * cfg.tracks_per_artist
                 nxt[rep] = base + (prev[rep] - base + shift) % cfg.tracks_per_artist
+            if cfg.history_dependent and album.any():
+                base = t_artist[prev[album]] * cfg.tracks_per_artist
+                nxt[album] = base + (prev[album] - base + 1) % cfg.tracks_per_artist
         on_taste = (tastes[s_user[active]] == t_cluster[nxt][:, None]).any(axis=1)
+        if cfg.p_repeat > 0:
+            again = rng.random(len(active)) < cfg.p_repeat
+            code = np.where(go_on, 2, np.where(again, 1, 0))
+            on_taste |= code > 0  # re-plays are skipped like tracks of the listener's tastes
+            replay[s_off[active] + p] = code
+            fresh[active] = code > 0
         skip = rng.random(len(active)) < np.where(on_taste, cfg.skip_rate, cfg.skip_rate_off)
         dur = np.where(
             skip, rng.integers(10, 41, size=len(active)), rng.integers(180, 241, size=len(active))
@@ -375,20 +467,24 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
         within[rows] = clock[active]
         clock[active] += dur
 
-    # Sessions of a user follow each other after min_gap + exponential hours of inactivity.
-    gap = (3600.0 * (cfg.min_gap_hours + rng.exponential(cfg.mean_gap_hours, size=n_s))).astype(
-        np.int64
-    )
+    if cfg.p_repeat > 0:
+        track = _resolve_replays(track, replay, skipped, s_off, s_len, n_sess, cfg, rng)
+
     first = np.zeros(n_s, dtype=bool)
     first[np.cumsum(n_sess)[:-1]] = True
     first[0] = True
-    step = np.zeros(n_s, dtype=np.int64)
-    step[1:] = gap[1:] + clock[:-1]
-    step[first] = 0
-    scs = np.cumsum(step)
     start0 = int(pd.Timestamp(cfg.start_date, tz="UTC").timestamp())
-    user_start = start0 + rng.integers(0, 14 * 86400, size=n_users)
-    s_start = user_start[s_user] + scs - scs[np.flatnonzero(first)][s_user]  # [S]
+    if cfg.span_days is None:
+        # Sessions of a user follow each other after min_gap + exponential hours of inactivity.
+        gap = 3600.0 * (cfg.min_gap_hours + rng.exponential(cfg.mean_gap_hours, size=n_s))
+        step = np.zeros(n_s, dtype=np.int64)
+        step[1:] = gap[1:].astype(np.int64) + clock[:-1]
+        step[first] = 0
+        scs = np.cumsum(step)
+        user_start = start0 + rng.integers(0, 14 * 86400, size=n_users)
+        s_start = user_start[s_user] + scs - scs[np.flatnonzero(first)][s_user]  # [S]
+    else:
+        s_start = start0 + _spread_sessions(clock, first, s_user, n_users, cfg, rng)
     ts = np.repeat(s_start, s_len)  # [N]
     ts += within
     del within
@@ -430,6 +526,115 @@ def generate(cfg: SyntheticConfig) -> tuple[pd.DataFrame, pd.DataFrame, Syntheti
         config=cfg,
     )
     return interactions, tracks, truth
+
+
+def _spread_sessions(
+    clock: np.ndarray,
+    first: np.ndarray,
+    s_user: np.ndarray,
+    n_users: int,
+    cfg: SyntheticConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Session starts (seconds after ``start_date``) spread over ``span_days`` per listener.
+
+    Each listener's idle time (the span less its sessions and the ``min_gap_hours`` between
+    them) is cut at uniform random points (normalised exponential spacings, one before the
+    first session and one after the last), so every listener is active from about the start to
+    about the end of the span and no session ends after it (unless the sessions alone are
+    longer than the span).
+
+    Args:
+        clock: ``[S]`` session durations in seconds.
+        first: ``[S]`` the session is its listener's first.
+        s_user: ``[S]`` listener of each session (sessions ordered by listener).
+        n_users: Number of listeners.
+        cfg: The generator settings (``span_days`` set).
+        rng: The sessions' random stream.
+
+    Returns:
+        ``[S]`` int64 start offsets.
+    """
+    assert cfg.span_days is not None
+    n_s = len(clock)
+    fixed = np.zeros(n_s, dtype=np.int64)  # minimum gap after the previous session
+    fixed[1:] = int(3600 * cfg.min_gap_hours) + clock[:-1]
+    fixed[first] = 0
+    last = np.ones(n_s, dtype=bool)
+    last[:-1] = first[1:]
+    busy = np.bincount(s_user, weights=fixed + np.where(last, clock, 0), minlength=n_users)
+    free = np.maximum(cfg.span_days * 86400.0 - busy, 0.0)  # [U] idle seconds to share out
+    spacing = rng.exponential(1.0, size=n_s)  # before each session
+    tail = rng.exponential(1.0, size=n_users)  # after the last one
+    share = spacing / (np.bincount(s_user, weights=spacing, minlength=n_users) + tail)[s_user]
+    step = fixed + (share * free[s_user]).astype(np.int64)
+    scs = np.cumsum(step)
+    head = np.flatnonzero(first)
+    return scs - scs[head][s_user] + step[head][s_user]
+
+
+def _resolve_replays(
+    track: np.ndarray,
+    replay: np.ndarray,
+    skipped: np.ndarray,
+    s_off: np.ndarray,
+    s_len: np.ndarray,
+    n_sess: np.ndarray,
+    cfg: SyntheticConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Give every re-play row the track of an earlier play of the same listener.
+
+    A re-played stretch starts at one of the listener's non-skipped plays of *earlier sessions*,
+    at relative position ``u^(1/repeat_recency)`` in that history (uniform for 1; towards the
+    newest above 1), so often-played tracks come back most; the rows that go on with it copy the
+    plays that followed the source. Rows are ordered by user, then time, so the ``k``-th such
+    play is found by index arithmetic on the cumulative count of non-skipped rows. A source may
+    be a re-play itself: pointer jumping follows the chains (sources are always earlier rows).
+    Stretches without an earlier play keep the walk's tracks.
+
+    Args:
+        track: ``[N]`` walk tracks, ordered by user, then time.
+        replay: ``[N]`` 1 where a re-played stretch starts, 2 where it goes on, else 0.
+        skipped: ``[N]`` skip marks.
+        s_off: ``[S + 1]`` first row of each session (and the end).
+        s_len: ``[S]`` session lengths.
+        n_sess: ``[U]`` sessions per user.
+        cfg: The generator settings.
+        rng: The sessions' random stream.
+
+    Returns:
+        ``[N]`` tracks with re-plays filled in.
+    """
+    row_session = np.repeat(np.arange(len(s_len)), s_len)  # [N]
+    user_first = np.zeros(len(n_sess) + 1, dtype=np.int64)
+    np.cumsum(n_sess, out=user_first[1:])
+    s_user_row0 = s_off[np.repeat(user_first[:-1], n_sess)]  # [S] first row of the session's user
+    kept = ~skipped
+    cum = np.zeros(len(track) + 1, dtype=np.int64)
+    np.cumsum(kept, out=cum[1:])
+    kept_rows = np.flatnonzero(kept)
+    rows = np.flatnonzero(replay == 1)
+    sess = row_session[rows]
+    before = cum[s_user_row0[sess]]  # kept rows of earlier users
+    n_hist = cum[s_off[sess]] - before  # kept plays of the listener's earlier sessions
+    u = rng.random(len(rows)) ** (1.0 / cfg.repeat_recency)
+    k = np.minimum((u * n_hist).astype(np.int64), np.maximum(n_hist - 1, 0))
+    has = n_hist > 0
+    source = np.arange(len(track))
+    source[rows[has]] = kept_rows[before[has] + k[has]]
+    # A stretch goes on with the rows after its source (still earlier rows of the listener).
+    idx = np.arange(len(track))
+    start = np.maximum.accumulate(np.where(replay == 1, idx, 0))  # [N] latest stretch start
+    cont = np.flatnonzero(replay == 2)
+    cont = cont[source[start[cont]] != start[cont]]
+    source[cont] = source[start[cont]] + (cont - start[cont])
+    while True:  # pointer jumping: sources are earlier rows, so chains end in O(log) rounds
+        hop = source[source]
+        if np.array_equal(hop, source):
+            break
+        source = hop
+    return track[source]
 
 
 def _tracks_table(
@@ -476,7 +681,7 @@ def load(
     Args:
         path: Must be None (there is no file).
         columns: Must be None or empty (the columns are canonical already).
-        preset: ``"tiny"`` (tests) or ``"default"``.
+        preset: ``"tiny"`` (tests), ``"default"`` or ``"scrobble"`` (a Last.fm-1K-like log).
         **overrides: :class:`SyntheticConfig` fields, e.g. ``n_plays=20_000_000, seed=3``.
 
     Raises:
@@ -519,8 +724,18 @@ def next_play_law(truth: SyntheticTruth, user: int, prev: int, home: int) -> np.
 
     Returns:
         ``[T]`` float64, unnormalised (the skip factor removes mass).
+
+    Raises:
+        DataError: The settings make the next play history-dependent (``p_album_next`` or
+            ``p_repeat`` above 0, as in the ``scrobble`` preset).
     """
     cfg = truth.config
+    if cfg.history_dependent:
+        raise DataError(
+            "next_play_law: not supported with p_album_next or p_repeat (e.g. the 'scrobble' "
+            "preset): the next play then depends on the listener's history, not only on the "
+            "previous play and the session's cluster"
+        )
     cl, artist, w = truth.track_cluster, truth.track_artist, truth.track_weight
     tastes = [int(c) for c in truth.user_tastes[user] if c >= 0]
     if prev < 0:
