@@ -238,3 +238,137 @@ def test_old_presets_generate_the_same_data(preset: str, seed: int):
     plays, tracks = FROZEN_DIGESTS[(preset, seed)]
     assert _frame_hash(res.interactions) == plays
     assert _frame_hash(res.tracks) == tracks
+
+
+# ---------------------------------------------------------------------------------- scrobble
+@pytest.fixture(scope="module")
+def scrobble():
+    t0 = time.perf_counter()
+    res = load(preset="scrobble")
+    elapsed = time.perf_counter() - t0
+    return res, ground_truth("scrobble"), elapsed
+
+
+def _in_session(df: pd.DataFrame) -> np.ndarray:
+    """``[N - 1]``: row i + 1 follows row i in the same session (30-minute gap)."""
+    user = df["user_id"].to_numpy()
+    gap = np.diff(df["timestamp"].to_numpy(dtype=np.int64))
+    return (user[1:] == user[:-1]) & (gap <= 1800)
+
+
+def _replay_share(df: pd.DataFrame) -> float:
+    """Share of plays of a track the same listener played before."""
+    return float(df.duplicated(["user_id", "track_id"]).mean())
+
+
+def test_scrobble_shape(scrobble):
+    res, _, elapsed = scrobble
+    df = res.interactions
+    assert elapsed < 5.0  # about a second; slack for the shared 2-core machine
+    assert tuple(df.columns) == INTERACTION_COLUMNS
+    assert 300 <= df["user_id"].nunique() <= 400
+    assert 200_000 <= len(df) <= 300_000
+    ts = df["timestamp"].to_numpy(dtype=np.int64)
+    assert 170 <= (ts.max() - ts.min()) / 86400 <= 183  # about 6 months
+    assert ts.min() >= pd.Timestamp("2023-01-01", tz="UTC").timestamp()
+    # A long tail: most tracks that are played at all are played once or twice.
+    counts = df["track_id"].value_counts()
+    assert (counts <= 2).mean() > 0.5
+    assert counts.iloc[0] > 100  # and a head of hits
+    # Listeners of unequal activity, each with many sessions over the whole span.
+    plays = df.groupby("user_id").size()
+    assert plays.max() > 3 * plays.median()
+    sessions = 1 + int((~_in_session(df)).sum())
+    assert 40 <= sessions / len(plays) <= 80
+    last = df.groupby("user_id")["timestamp"].max().to_numpy(dtype=np.int64)
+    assert (last >= ts.max() - 0.1 * (ts.max() - ts.min())).mean() > 0.9  # in the test window
+    # Sessions stay separable by a 30-minute gap.
+    same_user = df["user_id"].to_numpy()[1:] == df["user_id"].to_numpy()[:-1]
+    gaps = np.diff(ts)[same_user]
+    assert (gaps > 0).all()
+    assert gaps[gaps <= 1800].max() <= 240 and gaps[gaps > 1800].min() >= 3600
+
+
+def test_scrobble_replays_artist_runs_and_skips(scrobble):
+    res, truth, _ = scrobble
+    df = res.interactions
+    # Re-plays of the listener's own history, well above what popularity alone gives.
+    assert 0.3 <= _replay_share(df) <= 0.55
+    assert _replay_share(load(preset="scrobble", n_users=100, p_repeat=0.0).interactions) < 0.25
+    # Artist runs, mostly in album order.
+    num = pd.Index(truth.track_ids).get_indexer(df["track_id"].to_numpy())
+    assert (num >= 0).all()
+    within = _in_session(df)
+    artist = truth.track_artist[num]
+    same = (artist[1:] == artist[:-1]) & within
+    assert 0.35 <= same.sum() / within.sum() <= 0.65
+    assert (num[1:] == num[:-1] + 1)[same].mean() > 0.5
+    # Sessions keep a cluster; listeners play their tastes and skip the rest more.
+    cl = truth.track_cluster[num]
+    assert (cl[1:] == cl[:-1])[within].mean() > 0.7
+    uid = pd.Index(truth.user_ids).get_indexer(df["user_id"].to_numpy())
+    on = (truth.user_tastes[uid] == cl[:, None]).any(axis=1)
+    assert on.mean() > 0.85
+    skipped = df["skipped"].to_numpy()
+    assert 0.08 <= skipped.mean() <= 0.2
+    assert skipped[~on].mean() > 2 * skipped[on].mean()
+
+
+def test_scrobble_tastes_persist_over_time(scrobble):
+    """A listener's first three months tell which clusters the last three hold."""
+    res, truth, _ = scrobble
+    df = res.interactions
+    cl = truth.cluster_of(df["track_id"])
+    ts = df["timestamp"].to_numpy(dtype=np.int64)
+    early = ts < ts.min() + (ts.max() - ts.min()) // 2
+    frame = pd.DataFrame({"user": df["user_id"].to_numpy(), "cl": cl})
+    counts = frame[early].value_counts().rename("n").reset_index()
+    top3 = counts.sort_values("n", ascending=False).groupby("user").head(3)
+    top3 = set(zip(top3["user"], top3["cl"], strict=True))
+    late = frame[~early]
+    hit = np.array([(u, c) in top3 for u, c in zip(late["user"], late["cl"], strict=True)])
+    assert hit.mean() > 0.8
+
+
+def test_scrobble_deterministic_and_next_play_law_unsupported():
+    small = {"n_users": 60, "artists_per_cluster": 40}  # fast: a smaller catalogue
+    a = load(preset="scrobble", seed=5, **small).interactions
+    b = load(preset="scrobble", seed=5, **small).interactions
+    c = load(preset="scrobble", seed=6, **small).interactions
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["track_id"].equals(c["track_id"])
+    from twotower.data.synthetic import next_play_law
+
+    truth = ground_truth("scrobble", **small)
+    assert truth.user_tastes.shape[0] == 60
+    with pytest.raises(DataError, match="not supported"):
+        next_play_law(truth, 0, -1, 0)
+
+
+def test_scrobble_options_validated():
+    with pytest.raises(DataError, match="album_next"):
+        make_config("tiny", p_same_artist=0.5, p_album_next=0.6)
+    with pytest.raises(DataError, match="repeat_recency"):
+        make_config("tiny", repeat_recency=0.0)
+    with pytest.raises(DataError, match="span_days"):
+        make_config("tiny", span_days=-1.0)
+    with pytest.raises(DataError, match="probabilities"):
+        make_config("tiny", p_repeat=1.5)
+
+
+def test_scrobble_config_cuts_the_last_tenths(scrobble):
+    """configs/synthetic-scrobble.yaml: validation and test are the last ~10% each."""
+    from pathlib import Path
+
+    import yaml
+
+    from twotower.data.pipeline import parse_cutoff
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "synthetic-scrobble.yaml"
+    data = yaml.safe_load(path.read_text())["data"]
+    assert data["options"] == {"preset": "scrobble"} and data["split"] == "time"
+    ts = scrobble[0].interactions["timestamp"].to_numpy(dtype=np.int64)
+    lo, span = ts.min(), ts.max() - ts.min()
+    val = (parse_cutoff(data["val_cutoff"]) - lo) / span
+    test = (parse_cutoff(data["test_cutoff"]) - lo) / span
+    assert 0.75 <= val < test <= 0.95 and 0.05 <= test - val <= 0.15
