@@ -294,10 +294,10 @@ def split_events(
 
     The roles come first, from all rows: leave-last-out (``cutoffs=None``), the time split
     (``cutoffs = (val_cutoff, test_cutoff)``) or :func:`next_in_session` (``split`` given,
-    user sequences). The k-core filter (:func:`kcore_keep`) then
-    counts the training rows alone, so no play of the validation or test period, and no
-    held-out play of a leave-last-out sequence, decides which users and tracks survive: a
-    track popular only after the cut does not enter the vocabulary through its later plays.
+    user sequences). The k-core filter (:func:`kcore_keep`) then counts the training rows
+    alone, so no play of the validation or test period, and no held-out play of a
+    leave-last-out sequence, decides which users and tracks survive: a track popular only
+    after the cut does not enter the vocabulary through its later plays.
     The roles of the kept rows do not change; validation and test rows are removed only with
     their whole owner (user, or session without a user) when the filter removes it, so a
     target whose track fell out of the core stays and counts as a cold target (a miss). A
