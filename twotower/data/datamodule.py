@@ -176,9 +176,10 @@ class SessionDataModule(pl.LightningDataModule):
         options: Loader options, e.g. ``{"preset": "tiny"}``.
         session_gap_minutes: Inactivity that starts a new session.
         sequence_by: ``user`` | ``session`` | ``auto``.
-        split: ``leave_last_out`` | ``time``.
-        val_cutoff: Start of validation (``time`` split).
-        test_cutoff: Start of test (``time`` split).
+        split: ``leave_last_out`` | ``time`` | ``next_in_session``.
+        val_cutoff: Start of validation (``time``, ``next_in_session``): ISO date or a
+            fraction in (0, 1) (quantile of the play times).
+        test_cutoff: Start of test, likewise.
         dedupe_consecutive: Remove consecutive repeats inside a session.
         kcore: Minimum rows per user and track (0 off).
         max_history: Events kept in each evaluation history.
@@ -207,8 +208,8 @@ class SessionDataModule(pl.LightningDataModule):
         session_gap_minutes: float = 30.0,
         sequence_by: str = "auto",
         split: str = "leave_last_out",
-        val_cutoff: str | None = None,
-        test_cutoff: str | None = None,
+        val_cutoff: str | float | None = None,
+        test_cutoff: str | float | None = None,
         dedupe_consecutive: bool = False,
         kcore: int = 0,
         max_history: int = 200,

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,17 +43,23 @@ log = logging.getLogger("twotower")
 
 # Bump when the preprocessing (or the synthetic generator) produces different arrays for the
 # same input: it is part of the cache key, so old caches are not reused.
-PIPELINE_VERSION = 3  # 3: k-core counts training rows only
+PIPELINE_VERSION = 4  # 3: k-core counts training rows only; 4: next_in_session, protocol
 SKIPPED_REASON = "skipped play (kept as signal, not a positive)"
 LISTENING_LOG_FORMATS = ("mssd", "lastfm", "synthetic")
 COLD_TARGET_REASON = "cold target (not in training): counts as a miss"
 RANDOM_HOLDOUT_NOTE = "random per-user holdout: no play order"
 _CHOICES = {
     "sequence_by": ("auto", "user", "session"),
-    "split": ("leave_last_out", "time"),
+    "split": sp.SPLITS,
     "filter_seen": ("auto", "on", "off"),
 }
 _BOOL_WORDS = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
+_FRACTION = re.compile(r"\s*[+-]?(\d+\.\d*|\.\d+|[01])\s*")  # "0.8", ".8", "0", "1"
+NO_USERS_MESSAGE = (
+    "data.split=next_in_session follows each listener across sessions, so every row needs a "
+    "'user_id', and {what}; use data.split=time with data.sequence_by=session (the next track "
+    "given the same session's earlier plays) or data.split=leave_last_out"
+)
 
 
 @dataclass
@@ -66,10 +73,17 @@ class DataConfig:
         options: Passed to the loader, e.g. ``{"preset": "tiny"}`` or ``{"min_rating": 4}``.
         session_gap_minutes: Inactivity (strictly more than this) that starts a new session.
         sequence_by: ``user`` | ``session`` | ``auto`` (user when every row has a user id).
-        split: ``leave_last_out`` | ``time``.
-        val_cutoff: ISO date/time (UTC unless an offset is given) that starts validation
-            (``time`` split).
-        test_cutoff: ISO date/time that starts test (``time`` split).
+        split: ``leave_last_out`` | ``time`` | ``next_in_session``. ``next_in_session``
+            (listening logs with user ids; user sequences): one case per validation / test
+            session, the next track of the session at a seeded-random position after its first
+            positive, given every earlier play of the listener (earlier sessions included);
+            a session belongs to the period in which it starts
+            (:func:`~twotower.data.splits.next_in_session`).
+        val_cutoff: Start of validation (``time`` and ``next_in_session``): an ISO date/time
+            (UTC unless an offset is given), or a fraction in (0, 1): that quantile of the kept
+            plays' timestamps, resolved once during preparation (``params["resolved_cutoffs"]``
+            and the data report give the dates).
+        test_cutoff: Start of test, likewise (both dates or both fractions).
         dedupe_consecutive: Remove consecutive repeats of a track inside a session.
         kcore: Iteratively drop users and tracks with fewer training rows than this (0 off;
             see :func:`~twotower.data.splits.split_events`).
@@ -90,8 +104,8 @@ class DataConfig:
     session_gap_minutes: float = 30.0
     sequence_by: str = "auto"
     split: str = "leave_last_out"
-    val_cutoff: str | None = None
-    test_cutoff: str | None = None
+    val_cutoff: str | float | None = None
+    test_cutoff: str | float | None = None
     dedupe_consecutive: bool = False
     kcore: int = 0
     max_history: int = 200
@@ -106,15 +120,105 @@ class DataConfig:
                 raise DataError(
                     f"data.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
-        if self.split == "time":
-            if not self.val_cutoff or not self.test_cutoff:
-                raise DataError("data.split=time needs data.val_cutoff and data.test_cutoff")
-            if parse_cutoff(self.val_cutoff) >= parse_cutoff(self.test_cutoff):
-                raise DataError("data.val_cutoff must be earlier than data.test_cutoff")
+        if self.split in ("time", "next_in_session"):
+            self._check_cutoffs()
+        if self.split == "next_in_session" and self.sequence_by == "session":
+            raise DataError(
+                "data.split=next_in_session gives each case the listener's whole earlier history "
+                "(earlier sessions included): use data.sequence_by=user or auto, or "
+                "data.split=time for session sequences"
+            )
         if self.max_history < 1:
             raise DataError("data.max_history must be >= 1")
         if self.session_gap_minutes <= 0:
             raise DataError("data.session_gap_minutes must be > 0")
+
+    def _check_cutoffs(self) -> None:
+        """Both cut-offs given, of one kind (dates or fractions in (0, 1)), validation first.
+
+        Fractions given as text are stored as floats (one cache key per value).
+        """
+        if self.val_cutoff in (None, "") or self.test_cutoff in (None, ""):
+            raise DataError(
+                f"data.split={self.split} needs data.val_cutoff and data.test_cutoff (ISO dates, "
+                "or fractions in (0, 1) such as 0.8 and 0.9: quantiles of the play times)"
+            )
+        val, test = cutoff_fraction(self.val_cutoff), cutoff_fraction(self.test_cutoff)
+        if (val is None) != (test is None):
+            raise DataError(
+                "data.val_cutoff and data.test_cutoff: give two dates or two fractions, got "
+                f"{self.val_cutoff!r} and {self.test_cutoff!r}"
+            )
+        if val is not None and test is not None:
+            self.val_cutoff, self.test_cutoff = val, test
+            if val >= test:
+                raise DataError(
+                    f"data.val_cutoff ({val}) must be earlier than data.test_cutoff ({test})"
+                )
+        elif parse_cutoff(self.val_cutoff) >= parse_cutoff(self.test_cutoff):
+            raise DataError("data.val_cutoff must be earlier than data.test_cutoff")
+
+
+def cutoff_fraction(value: str | float | dt.date) -> float | None:
+    """The fraction of a relative cut-off (``0.8``, ``"0.8"``), None for a date.
+
+    A float, or text that is a decimal number (or ``0`` / ``1``), is a fraction; an int other
+    than 0 and 1 or other text (``2009``, ``2009-05-01``) is a date.
+
+    Raises:
+        DataError: A fraction outside the open interval (0, 1).
+    """
+    if isinstance(value, bool):
+        raise DataError(f"cut-off {value!r}: expected an ISO date or a fraction in (0, 1)")
+    if isinstance(value, float) or (isinstance(value, int) and value in (0, 1)):
+        q = float(value)
+    elif isinstance(value, str) and _FRACTION.fullmatch(value):
+        q = float(value)
+    else:
+        return None
+    if not 0.0 < q < 1.0:
+        raise DataError(
+            f"cut-off {value!r}: a relative cut-off must be a fraction strictly between 0 and 1 "
+            "(the quantile of the play times), e.g. 0.8"
+        )
+    return q
+
+
+def resolve_cutoffs(
+    val_cutoff: str | float, test_cutoff: str | float, timestamps: np.ndarray
+) -> tuple[int, int]:
+    """Unix seconds of the two cut-offs; a fraction is that quantile of ``timestamps``.
+
+    The quantile (linear interpolation) is rounded up to the second, so e.g. 0.8 puts about
+    80% of the plays before the validation cut-off.
+
+    Args:
+        val_cutoff: ISO date or fraction in (0, 1).
+        test_cutoff: ISO date or fraction in (0, 1).
+        timestamps: Unix seconds of the kept plays, ``[N]`` (all known).
+
+    Raises:
+        DataError: Fractions that resolve to the same second (play times too concentrated).
+    """
+    out = []
+    for value in (val_cutoff, test_cutoff):
+        q = cutoff_fraction(value)
+        if q is None:
+            out.append(parse_cutoff(str(value)))
+        else:
+            out.append(int(np.ceil(np.quantile(timestamps, q))))
+    if out[0] >= out[1]:
+        raise DataError(
+            f"cut-offs {val_cutoff!r} and {test_cutoff!r} resolve to {iso_utc(out[0])} and "
+            f"{iso_utc(out[1])}: the validation period is empty (play times too concentrated; "
+            "give dates or fractions further apart)"
+        )
+    return out[0], out[1]
+
+
+def iso_utc(ts: int) -> str:
+    """Unix seconds -> ISO date-time in UTC (what :func:`parse_cutoff` reads back)."""
+    return pd.Timestamp(int(ts), unit="s", tz="UTC").isoformat()
 
 
 def _normalise_switch(value: Any) -> str:
@@ -234,6 +338,10 @@ def _vocab_from_codes(codes: np.ndarray, raw: np.ndarray) -> tuple[Vocab, np.nda
 # ----------------------------------------------------------------------------- the pipeline
 def _resolve_sequence_by(cfg: DataConfig, ev: Events) -> str:
     has_users = bool(len(ev)) and bool((ev.user >= 0).all())
+    if cfg.split == "next_in_session" and not has_users:
+        n = int((ev.user < 0).sum())
+        what = "this data has none" if n == len(ev) else f"{n:,} rows of this data have none"
+        raise DataError(NO_USERS_MESSAGE.format(what=what))
     if cfg.sequence_by == "auto":
         return "user" if has_users else "session"
     if cfg.sequence_by == "user" and not has_users:
@@ -283,9 +391,9 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
     if not any("skipped" in k for k in report.counted):
         report.count(SKIPPED_REASON, int((~ev.positive).sum()))
     if not res.ordered:
-        if cfg.split == "time":
+        if cfg.split != "leave_last_out":
             raise DataError(
-                f"{report.source}: data.split=time needs play times; use leave_last_out"
+                f"{report.source}: data.split={cfg.split} needs play times; use leave_last_out"
             )
         report.notes.append(RANDOM_HOLDOUT_NOTE)
     ev = sessionize_events(ev, cfg.session_gap_minutes, random_order=not res.ordered, seed=cfg.seed)
@@ -293,12 +401,15 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         ev = dedupe_consecutive(ev, report)
     sequence_by = _resolve_sequence_by(cfg, ev)
     cutoffs = None
-    if cfg.split == "time":
+    if cfg.split != "leave_last_out":
         if (ev.timestamp < 0).any():
-            raise DataError("data.split=time: some rows have no timestamp")
-        cutoffs = (parse_cutoff(cfg.val_cutoff or ""), parse_cutoff(cfg.test_cutoff or ""))
+            raise DataError(f"data.split={cfg.split}: some rows have no timestamp")
+        # relative cut-offs: quantiles of the kept plays, resolved once here
+        cutoffs = resolve_cutoffs(cfg.val_cutoff or "", cfg.test_cutoff or "", ev.timestamp)
     # k-core after the roles, counting training rows only (no leak from later plays)
-    ev, seq, roles = sp.split_events(ev, sequence_by, cutoffs, cfg.kcore, report)
+    ev, seq, roles = sp.split_events(
+        ev, sequence_by, cutoffs, cfg.kcore, report, split=cfg.split, seed=cfg.seed
+    )
     if len(ev) == 0 or (cfg.kcore > 1 and not (roles == sp.TRAIN).any()):
         raise DataError(f"{report.source}: no training interactions left after filtering (kcore?)")
 
@@ -347,6 +458,7 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         "test": len(evals["test"]),
         "held_out_events": int((roles == sp.HELD_OUT).sum()),
     }
+    report.protocol = _protocol(cfg, sequence_by, cutoffs)
     params = {
         **_params(cfg),
         "sequence_by": sequence_by,
@@ -354,6 +466,11 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         "source": report.source,
         "ordered": bool(res.ordered),
     }
+    if cutoffs is not None:
+        params["resolved_cutoffs"] = {
+            "val_cutoff": iso_utc(cutoffs[0]),
+            "test_cutoff": iso_utc(cutoffs[1]),
+        }
     log.info("prepared %s in %.2f s (load %.2f s)", report.source, time.perf_counter() - t0, t_load)
     return PreparedData(
         item_vocab=item_vocab,
@@ -369,6 +486,44 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         fingerprint=fp,
         params=params,
     )
+
+
+def _protocol(cfg: DataConfig, sequence_by: str, cutoffs: tuple[int, int] | None) -> dict[str, str]:
+    """The evaluation protocol for the data report: split kind, description, cut-offs."""
+    unit = "listener" if sequence_by == "user" else "session"
+    if cfg.split == "leave_last_out":
+        text = (
+            f"per {unit}: last positive -> test, second-to-last -> validation, "
+            "given the positives before it"
+        )
+    elif cfg.split == "time" and sequence_by == "user":
+        text = (
+            "per listener: first positive of the validation (test) period, given every earlier "
+            "positive; forward in time"
+        )
+    elif cfg.split == "time":
+        text = (
+            "per session starting in the validation (test) period: its last positive, given "
+            "the session's earlier positives; forward in time"
+        )
+    else:
+        text = (
+            "one case per validation (test) session: the next track at a seeded-random "
+            f"position after the session's first positive (seed {cfg.seed}), given every "
+            "earlier play of the listener (earlier sessions included, boundaries marked by the "
+            "play gaps); a session belongs to the period in which it starts; forward in time"
+        )
+    out = {"split": cfg.split, "sequence_by": sequence_by, "description": text}
+    if cutoffs is not None:
+        out["val_cutoff"] = iso_utc(cutoffs[0])
+        out["test_cutoff"] = iso_utc(cutoffs[1])
+        fractions = [cutoff_fraction(c) for c in (cfg.val_cutoff or "", cfg.test_cutoff or "")]
+        out["cutoffs_from"] = (
+            f"quantiles {fractions[0]:g} / {fractions[1]:g} of the kept plays' timestamps"
+            if fractions[0] is not None and fractions[1] is not None
+            else "dates in the config"
+        )
+    return out
 
 
 def cache_path(cfg: DataConfig, fp: str | None = None) -> Path | None:

@@ -39,7 +39,10 @@ class DataReport:
         time_max: Latest timestamp (unix seconds) or None.
         session_length: Quantiles of the session length (``{"p50": ..}``).
         popularity: Popularity distribution (share of plays on the top 1% tracks, Gini, ...).
-        split: Rows / examples per split part.
+        split: Rows / examples per split part (``valid`` / ``test``: evaluation cases).
+        protocol: The evaluation protocol: ``split`` kind, ``sequence_by``, ``description``
+            and, for the time-based splits, the resolved ``val_cutoff`` / ``test_cutoff`` (ISO,
+            UTC) and where they came from (``cutoffs_from``).
         notes: Free-text remarks (e.g. "no play order: item side and counts only").
     """
 
@@ -57,6 +60,7 @@ class DataReport:
     session_length: dict[str, float] = field(default_factory=dict)
     popularity: dict[str, float] = field(default_factory=dict)
     split: dict[str, int] = field(default_factory=dict)
+    protocol: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def drop(self, reason: str, count: int) -> None:
@@ -81,13 +85,17 @@ class DataReport:
         1/n per query, so differences between runs are noise; e.g. a single listener with
         ``sequence_by: user`` gives one test case.
         """
+        if self.protocol.get("split") == "next_in_session":  # one case per session
+            advice = "use more data (listeners, a longer log) or earlier cut-offs"
+        else:
+            advice = "use more data, sequence_by: session, or other cut-offs"
         out = []
         for part, name in (("test", "test"), ("valid", "validation")):
             n = self.split.get(part)
             if n is not None and n < MIN_EVAL_QUERIES:
                 out.append(
                     f"only {n:,} {name} queries (fewer than {MIN_EVAL_QUERIES}): its metrics are "
-                    "noise; use more data, sequence_by: session, or other cut-offs"
+                    f"noise; {advice}"
                 )
         return out
 
@@ -128,6 +136,14 @@ class DataReport:
         if self.popularity:
             q = "  ".join(f"{k}={v:.3g}" for k, v in self.popularity.items())
             lines.append(f"  popularity      {q}")
+        if self.protocol:
+            pr = self.protocol
+            lines.append(f"  protocol        {pr.get('split', '?')}: {pr.get('description', '')}")
+            if "val_cutoff" in pr:
+                lines.append(
+                    f"  cut-offs        validation from {pr['val_cutoff']}, test from "
+                    f"{pr.get('test_cutoff', '?')} ({pr.get('cutoffs_from', '')})"
+                )
         if self.split:
             q = "  ".join(f"{k}={v:,}" for k, v in self.split.items())
             lines.append(f"  split           {q}")

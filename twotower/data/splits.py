@@ -7,6 +7,11 @@ split assigns each row a role: training event, validation target, test target, o
 between the two targets). Histories of validation and test examples are always *the positive
 events of the same sequence before the target*, so one builder serves every split.
 
+Three protocols: :func:`leave_last_out`, :func:`time_split` (global cut-off dates) and, for
+listening logs, :func:`next_in_session`: the next track of the listener's current session given
+the listener's whole earlier history (earlier sessions included, the boundaries marked by the
+per-play gaps), forward in time, one case per validation / test session.
+
 Leakage: the split itself never looks at items; the pipeline builds the item vocabulary from
 the training rows only, so a track first seen after the cut maps to OOV in histories and
 targets. :func:`split_events` runs the optional k-core filter *after* the roles are known and
@@ -28,6 +33,11 @@ TRAIN, VALID, TEST, HELD_OUT = 0, 1, 2, 3
 SHORT_REASON = "row of a sequence with < 3 positives (training only)"
 NO_HISTORY_REASON = "evaluation target without any earlier positive (not evaluated)"
 SHORT_SESSION_REASON = "row of an evaluation session with < 2 positives (not evaluated)"
+NO_CASE_SESSION_REASON = (
+    "validation/test session with < 2 positives: no case (sessions; their plays stay as history)"
+)
+#: Split kinds; ``time`` and ``next_in_session`` need cut-offs.
+SPLITS = ("leave_last_out", "time", "next_in_session")
 
 
 def sequence_ids(boundary_key: np.ndarray) -> np.ndarray:
@@ -196,20 +206,98 @@ def time_split(
     return roles
 
 
+def _next_in_session(
+    session: np.ndarray,
+    positive: np.ndarray,
+    timestamp: np.ndarray,
+    val_cutoff: int,
+    test_cutoff: int,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Roles of :func:`next_in_session` and the rows of its case-less evaluation sessions."""
+    n = len(session)
+    roles = np.full(n, HELD_OUT, dtype=np.int8)
+    if n == 0:
+        return roles, {}
+    off = _starts(session)
+    start_ts = timestamp[off[:-1]]  # [S] the period of a session is that of its first play
+    part = np.where(start_ts < val_cutoff, TRAIN, np.where(start_ts < test_cutoff, VALID, TEST))
+    roles[part[session] == TRAIN] = TRAIN
+    pos_rows, rank, npos = _positive_rank(session, positive)
+    # one target per evaluation session: a positive at rank 1..npos-1, uniform, seeded
+    u = np.random.default_rng(seed).random(len(npos))  # [S] one draw per session
+    pick = 1 + np.minimum((u * (npos - 1)).astype(np.int64), np.maximum(npos - 2, 0))  # [S]
+    s = session[pos_rows]
+    target = pos_rows[(rank == pick[s]) & (npos[s] >= 2) & (part[s] != TRAIN)]
+    roles[target] = part[session[target]]
+    short = (part != TRAIN) & (npos < 2)  # [S]
+    return roles, {NO_CASE_SESSION_REASON: short[session]}
+
+
+def next_in_session(
+    session: np.ndarray,
+    positive: np.ndarray,
+    timestamp: np.ndarray,
+    val_cutoff: int,
+    test_cutoff: int,
+    seed: int = 0,
+    report: DataReport | None = None,
+) -> np.ndarray:
+    """The next track of the current session, forward in time (rows in user sequence order).
+
+    A session belongs to the period in which it starts: training (before ``val_cutoff``),
+    validation (before ``test_cutoff``) or test. Every row of a training session is a training
+    event. Each validation / test session gives one case: a positive at a seeded-random
+    position among the session's positives that have an earlier positive in the same session;
+    its other rows are held out (never training), and they stay in the histories of later
+    cases because the history is the listener's whole sequence before the target (build it
+    with user sequences). Sessions with fewer than 2 positives give no case and are counted in
+    ``report`` (as sessions).
+
+    Args:
+        session: Dense, non-decreasing session number per row; rows of one listener contiguous
+            and in time order.
+        positive: ``[N]`` bool, False for skipped plays.
+        timestamp: ``[N]`` unix seconds.
+        val_cutoff: Unix seconds that start validation.
+        test_cutoff: Unix seconds that start test.
+        seed: Seed of the target positions.
+        report: Receives the count of case-less evaluation sessions.
+
+    Returns:
+        Role per row, int8.
+    """
+    roles, flags = _next_in_session(session, positive, timestamp, val_cutoff, test_cutoff, seed)
+    _count_sessions(report, session, flags)
+    return roles
+
+
+def _count_sessions(
+    report: DataReport | None, session: np.ndarray, flags: dict[str, np.ndarray]
+) -> None:
+    """Count the distinct sessions of the flagged rows of every reason into ``report``."""
+    if report is not None:
+        for reason, mask in flags.items():
+            report.count(reason, len(sorted_unique(session[mask])))
+
+
 def split_events(
     ev: Events,
     sequence_by: str,
     cutoffs: tuple[int, int] | None = None,
     k: int = 0,
     report: DataReport | None = None,
+    split: str | None = None,
+    seed: int = 0,
 ) -> tuple[Events, np.ndarray, np.ndarray]:
     """Split sessionized events, then k-core filter them counting training rows only.
 
-    The roles come first, from all rows: leave-last-out (``cutoffs=None``) or the time split
-    (``cutoffs = (val_cutoff, test_cutoff)``). The k-core filter (:func:`kcore_keep`) then
-    counts the training rows alone, so no play of the validation or test period, and no
-    held-out play of a leave-last-out sequence, decides which users and tracks survive: a
-    track popular only after the cut does not enter the vocabulary through its later plays.
+    The roles come first, from all rows: leave-last-out (``cutoffs=None``), the time split
+    (``cutoffs = (val_cutoff, test_cutoff)``) or :func:`next_in_session` (``split`` given,
+    user sequences). The k-core filter (:func:`kcore_keep`) then counts the training rows
+    alone, so no play of the validation or test period, and no held-out play of a
+    leave-last-out sequence, decides which users and tracks survive: a track popular only
+    after the cut does not enter the vocabulary through its later plays.
     The roles of the kept rows do not change; validation and test rows are removed only with
     their whole owner (user, or session without a user) when the filter removes it, so a
     target whose track fell out of the core stays and counts as a cold target (a miss). A
@@ -221,12 +309,23 @@ def split_events(
         cutoffs: Unix seconds of the validation and test cut-offs; None for leave-last-out.
         k: Minimum training rows per owner and per track (``k <= 1``: no filter).
         report: Receives the k-core drops and the split's flagged rows.
+        split: One of :data:`SPLITS`; None: ``time`` with cut-offs, else ``leave_last_out``.
+        seed: Seed of the ``next_in_session`` target positions.
 
     Returns:
         ``(events kept, sequence number per row, role per row)``.
     """
     seq = sequence_ids(ev.user if sequence_by == "user" else ev.session)
-    if cutoffs is None:
+    split = split or ("leave_last_out" if cutoffs is None else "time")
+    flags: dict[str, np.ndarray] = {}  # counted as rows
+    per_session: dict[str, np.ndarray] = {}  # counted as sessions
+    if split == "next_in_session":
+        if sequence_by != "user" or cutoffs is None:
+            raise ValueError("next_in_session needs user sequences and cut-offs")
+        roles, per_session = _next_in_session(
+            ev.session, ev.positive, ev.timestamp, cutoffs[0], cutoffs[1], seed
+        )
+    elif cutoffs is None:
         roles, flags = _leave_last_out(seq, ev.positive)
     else:
         roles, flags = _time_split(
@@ -245,11 +344,13 @@ def split_events(
             ev = renumber_sessions(ev.take(keep))
             roles = roles[keep]
             flags = {reason: mask[keep] for reason, mask in flags.items()}
+            per_session = {reason: mask[keep] for reason, mask in per_session.items()}
             seq = sequence_ids(ev.user if sequence_by == "user" else ev.session)
             empty = _without_history(seq, ev.positive, roles)
             roles[empty] = HELD_OUT
             flags[NO_HISTORY_REASON] = flags.get(NO_HISTORY_REASON, empty) | empty
     _count(report, flags)
+    _count_sessions(report, ev.session, per_session)
     return ev, seq, roles
 
 
