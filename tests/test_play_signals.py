@@ -217,6 +217,36 @@ def test_windows_and_eval_sets_hold_each_plays_clock() -> None:
     assert "play_hours" not in EvalDataset(es, 6, False, play_signals=True)[0]
 
 
+def test_training_feeds_the_clock_of_each_input_play() -> None:
+    """sequence_loss gives position t the clock of play t (not of the predicted one), and
+    signal_dropout hides a row's clock together with its gaps."""
+    from twotower.model.module import TwoTowerModule
+
+    module = TwoTowerModule(
+        num_items=12, dim=8, id_dim=8, encoder="mean", play_signals=True, play_clock=True,
+        num_negatives=0, signal_dropout=0.0,
+    )  # fmt: skip
+    seen = []
+    tower_fn = module._sequence_fn
+    module._sequence_fn = lambda q: seen.append(q) or tower_fn(q)
+    batch = {
+        "items": torch.tensor([[0, 5, 6, 7], [2, 3, 4, 5]]),
+        "hours": torch.full((2, 4), -1), "contexts": torch.zeros(2, 4, dtype=torch.long),
+        "users": torch.zeros(2, dtype=torch.long), "skips": torch.zeros(2, 4, dtype=torch.long),
+        "gaps": torch.tensor([[0, 1, 3, 3], [1, 3, 3, 3]]),
+        "play_hours": torch.tensor([[-1, 8, 9, 10], [1, 2, 3, 4]]),
+        "play_weekdays": torch.tensor([[-1, 0, 1, 2], [3, 4, 5, 6]]),
+    }  # fmt: skip
+    module.train()
+    module.sequence_loss(batch)
+    assert seen[-1].play_hours.tolist() == [[-1, 8, 9], [1, 2, 3]]
+    assert seen[-1].play_weekdays.tolist() == [[-1, 0, 1], [3, 4, 5]]
+    module.hparams.signal_dropout = 1.0  # every row loses its times
+    module.sequence_loss(batch)
+    assert (seen[-1].play_hours == -1).all() and (seen[-1].play_weekdays == -1).all()
+    assert (seen[-1].gaps == 0).all()
+
+
 def test_data_play_clock_needs_play_signals() -> None:
     from twotower.data.datamodule import SessionDataModule
 
