@@ -61,12 +61,16 @@ def test_spec_follows_the_tower_config() -> None:
         "skips": 0,
         "gaps": 0,
         "request_gaps": 0,
+        "play_hours": -1,
+        "play_weekdays": -1,
     }
 
 
 def test_left_pad_last() -> None:
     out = left_pad_last(np.array([5, 6, 7, 8, 9]), np.array([0, 4, 4, 5]), 3)
     assert out.tolist() == [[6, 7, 8], [0, 0, 0], [0, 0, 9]]
+    out = left_pad_last(np.array([5, 6, 7]), np.array([0, 1, 3]), 3, fill=-1)  # clock padding
+    assert out.tolist() == [[-1, -1, 5], [-1, 6, 7]]
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,16 @@ from twotower.index import (
 )
 from twotower.model.ensemble import bias_columns
 from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
-from twotower.query import QueryBatch, QuerySpec, left_pad_last, play_gaps
+from twotower.query import (
+    CLOCK_FIELDS,
+    UNKNOWN_HOUR,
+    UNKNOWN_WEEKDAY,
+    QueryBatch,
+    QuerySpec,
+    left_pad_last,
+    play_clock,
+    play_gaps,
+)
 
 log = logging.getLogger("twotower")
 
@@ -488,13 +497,15 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
 
     For towers that read the per-play signals: every play (skipped ones marked), the gap
     bucket of each as in training (:func:`twotower.query.play_gaps` over each training
-    sequence; the evaluation sets' ``plays_gaps``). A user's latest plays are their test
+    sequence; the evaluation sets' ``plays_gaps``) and the hour of day and weekday of each
+    (:func:`twotower.query.play_clock` of its time). A user's latest plays are their test
     example's plays plus its target (gap: the test ``request_gaps``) when they have one, else
     the plays of their training sequences in time order. Plays of ids unknown to the model
     (OOV) are left out with their signals, as the Retriever does.
 
     Returns:
-        ``history``, ``skips``, ``gaps``: ``[U-2, window]`` int64, left-padded with 0.
+        ``history``, ``skips``, ``gaps``, ``play_hours``, ``play_weekdays``: ``[U-2, window]``
+        int64, left-padded with 0 (the clock with -1, unknown).
     """
     n_users = data.num_users
     tr = data.train
@@ -505,13 +516,15 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
         "history": tr.items.astype(np.int64),
         "skips": (~tr.positive.astype(bool)).astype(np.int64),
         "gaps": play_gaps(tr.timestamps, first),
+        **dict(zip(CLOCK_FIELDS, play_clock(tr.timestamps), strict=True)),
     }
+    fill = {"play_hours": UNKNOWN_HOUR, "play_weekdays": UNKNOWN_WEEKDAY}  # padding, else 0
     keep = (user_of >= 2) & (columns["history"] >= 2)
     rows = np.flatnonzero(keep)
     order = rows[np.lexsort((rows, tr.timestamps[rows], user_of[rows]))]  # by user, time
     counts = np.bincount(user_of[order], minlength=n_users)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    out = {k: left_pad_last(v[order], offsets, window) for k, v in columns.items()}
+    out = {k: left_pad_last(v[order], offsets, window, fill.get(k, 0)) for k, v in columns.items()}
     te = data.test
     if len(te) and te.plays is not None:
         q_of = np.repeat(np.arange(len(te)), np.diff(te.plays_offsets))
@@ -522,6 +535,11 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
             "skips": np.concatenate([te.plays_skipped, np.zeros(has_target.sum())]),
             "gaps": np.concatenate([te.plays_gaps, te.request_gaps[has_target]]),
         }
+        if te.plays_timestamps is not None and te.target_timestamps is not None:
+            times = np.concatenate([te.plays_timestamps, te.target_timestamps[has_target]])
+            test_cols.update(zip(CLOCK_FIELDS, play_clock(times), strict=True))
+        else:  # an evaluation set without play times: the clock unknown
+            test_cols.update({k: np.full(len(vals), fill[k]) for k in CLOCK_FIELDS})
         q_all = np.concatenate([q_of, np.flatnonzero(has_target)])
         pos = np.concatenate([np.arange(len(te.plays)), np.full(has_target.sum(), len(vals))])
         keep = vals >= 2
@@ -531,7 +549,7 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
         users_with_test = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
         latest = np.fromiter(last_row.values(), np.int64, len(last_row))
         for k, v in test_cols.items():
-            padded = left_pad_last(v[order].astype(np.int64), t_off, window)  # [Q, window]
+            padded = left_pad_last(v[order].astype(np.int64), t_off, window, fill.get(k, 0))
             out[k][users_with_test] = padded[latest]
     return {k: v[2:] for k, v in out.items()}
 
@@ -784,7 +802,8 @@ def export_checkpoint(
         real = latest["history"] != 0
         has_events = real.any(axis=1)
         offsets = np.concatenate([[0], np.cumsum(real.sum(axis=1))])
-        signals = {k: latest[k][real] for k in ("skips", "gaps") if k in latest}
+        per_play = ("skips", "gaps", *CLOCK_FIELDS)
+        signals = {k: latest[k][real] for k in per_play if k in latest}
         # latest history, context unknown (request gap too)
         user_q = spec.build(latest["history"][real], offsets, users=uids, **signals)
         user_emb = _query_vectors(tower, user_q, dev, batch_size)

@@ -5,7 +5,8 @@ training and validation batches, ``evaluate``, ``compare``, ``drift``, ``export`
 vectors), the :class:`~twotower.retrieve.Retriever`, the HTTP service and the ONNX encoder.
 
 A history is a list of item indices, oldest first, **left-padded** with 0 to a common length
-(index 1 means out of vocabulary). The request context travels beside it. Which fields a
+(index 1 means out of vocabulary). The per-play signals (skip mark, gap since the previous
+play, hour of day and weekday) travel aligned with it, the request context beside it. Which fields a
 given tower reads, their dtypes, shapes and the value that means "unknown" are described by
 :class:`QuerySpec`, which the export writes into ``manifest.json`` so that a client holding only
 onnxruntime can call ``query_tower.onnx``.
@@ -51,6 +52,13 @@ NUM_GAPS = len(GAP_EDGES) + 3
 SESSION_BREAK = 2 + GAP_EDGES.index(1800) + 1
 NOT_SKIPPED = 0  # also "unknown": a play without a skip mark counts as listened
 SKIPPED = 1
+# The clock of each play, UTC, from its unix time (twotower.query.play_clock).
+UNKNOWN_WEEKDAY = -1
+NUM_WEEKDAYS = 7  # Monday = 0 .. Sunday = 6
+CLOCK_FORMULAS = {
+    "play_hours": "(ts // 3600) % 24",
+    "play_weekdays": "((ts // 86400) + 3) % 7",
+}  # ts: the play's unix seconds (UTC); 1970-01-01 was a Thursday, so Monday = 0
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,37 @@ REQUEST_GAPS = QueryField(
     "bucket of the time from the last history play to the request (same buckets); a bucket of "
     "30 minutes or more means a new session starts; 0 = unknown",
 )
-FIELDS: tuple[QueryField, ...] = (HISTORY, USERS, HOURS, CONTEXTS, SKIPS, GAPS, REQUEST_GAPS)
+PLAY_HOURS = QueryField(
+    "play_hours",
+    "int64",
+    ("batch", "length"),
+    UNKNOWN_HOUR,
+    "per history play: hour of day 0..23 (UTC) of the play, (ts // 3600) % 24 of its unix "
+    "seconds ts; -1 = unknown (no time) and at padding",
+)
+PLAY_WEEKDAYS = QueryField(
+    "play_weekdays",
+    "int64",
+    ("batch", "length"),
+    UNKNOWN_WEEKDAY,
+    "per history play: weekday 0..6 (UTC, Monday = 0) of the play, ((ts // 86400) + 3) % 7 of "
+    "its unix seconds ts; -1 = unknown (no time) and at padding",
+)
+FIELDS: tuple[QueryField, ...] = (
+    HISTORY,
+    USERS,
+    HOURS,
+    CONTEXTS,
+    SKIPS,
+    GAPS,
+    REQUEST_GAPS,
+    PLAY_HOURS,
+    PLAY_WEEKDAYS,
+)
 PLAY_FIELDS = ("skips", "gaps", "request_gaps")
+CLOCK_FIELDS = ("play_hours", "play_weekdays")
+# the [batch, length] fields aligned with history (cut and padded with it)
+PER_PLAY_FIELDS = tuple(f.name for f in FIELDS if "length" in f.shape and f.name != "history")
 
 
 def gap_buckets(seconds: np.ndarray) -> np.ndarray:
@@ -144,6 +181,26 @@ def gap_buckets(seconds: np.ndarray) -> np.ndarray:
     seconds = np.asarray(seconds, dtype=np.int64)
     out = 2 + np.searchsorted(np.asarray(GAP_EDGES, dtype=np.int64), seconds, side="right")
     return np.where(seconds >= 0, out, GAP_UNKNOWN).astype(np.int64)
+
+
+def play_clock(timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hour of day and weekday (UTC, Monday = 0) of every play, from its unix seconds.
+
+    THE helper for ``play_hours`` / ``play_weekdays``: training windows, evaluation sets,
+    listener vectors and the Retriever all call it (the manifest states the same formulas,
+    :data:`CLOCK_FORMULAS`).
+
+    Args:
+        timestamps: Unix seconds per play, any shape (negative: unknown).
+
+    Returns:
+        ``(hours, weekdays)`` int64 of the same shape; -1 where the time is unknown.
+    """
+    ts = np.asarray(timestamps, dtype=np.int64)
+    known = ts >= 0
+    hours = np.where(known, (ts // 3600) % NUM_HOURS, UNKNOWN_HOUR)
+    weekdays = np.where(known, ((ts // 86400) + 3) % NUM_WEEKDAYS, UNKNOWN_WEEKDAY)
+    return hours.astype(np.int64), weekdays.astype(np.int64)
 
 
 def play_gaps(timestamps: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -168,7 +225,8 @@ class QueryBatch:
 
     The request fields (``hours``, ``contexts``, ``request_gaps``) are ``[B]`` (one request
     per row) or, for training, ``[B, L]`` (the context of the event each position predicts).
-    The per-play fields (``skips``, ``gaps``) are ``[B, L]``, aligned with ``history``.
+    The per-play fields (``skips``, ``gaps``, ``play_hours``, ``play_weekdays``) are
+    ``[B, L]``, aligned with ``history``.
     ``None`` means "unknown for every row"; a tower ignores the fields it was not built to read.
 
     Attributes:
@@ -179,6 +237,9 @@ class QueryBatch:
         skips: ``[B, L]`` int64, 1 where the play was skipped, or None (none marked).
         gaps: ``[B, L]`` int64 gap bucket of each play (0 unknown) or None.
         request_gaps: ``[B]`` or ``[B, L]`` int64 gap bucket of the request (0 unknown) or None.
+        play_hours: ``[B, L]`` int64 hour of day (UTC) of each play (-1 unknown) or None.
+        play_weekdays: ``[B, L]`` int64 weekday (UTC, Monday = 0) of each play (-1 unknown)
+            or None.
     """
 
     history: Tensor
@@ -188,6 +249,8 @@ class QueryBatch:
     skips: Tensor | None = None
     gaps: Tensor | None = None
     request_gaps: Tensor | None = None
+    play_hours: Tensor | None = None
+    play_weekdays: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.history.shape[0])
@@ -211,7 +274,7 @@ class QueryBatch:
         length = history.shape[1]
         cut = {
             name: t[:, t.shape[1] - length :]
-            for name in ("skips", "gaps")
+            for name in PER_PLAY_FIELDS
             if (t := getattr(self, name)) is not None and t.shape[1] != length
         }
         return replace(self, history=history, **cut)
@@ -242,13 +305,15 @@ class QueryBatch:
         return out
 
 
-def left_pad_last(values: np.ndarray, offsets: np.ndarray, length: int) -> np.ndarray:
-    """The last ``length`` values of every CSR row, left-padded with 0, ``[R, length]``."""
+def left_pad_last(
+    values: np.ndarray, offsets: np.ndarray, length: int, fill: int = 0
+) -> np.ndarray:
+    """The last ``length`` values of every CSR row, left-padded with ``fill``, ``[R, length]``."""
     lens = np.diff(offsets)
     take = np.minimum(lens, length)
     rows = np.repeat(np.arange(len(lens)), take)
     within = np.arange(int(take.sum())) - np.repeat(np.cumsum(take) - take, take)
-    out = np.zeros((len(lens), length), dtype=values.dtype)
+    out = np.full((len(lens), length), fill, dtype=values.dtype)
     out[rows, length - np.repeat(take, take) + within] = values[
         np.repeat(offsets[1:] - take, take) + within
     ]
@@ -279,6 +344,8 @@ class QuerySpec:
         contexts: The tower reads the context type.
         play_signals: The tower reads the per-play signals (``skips``, ``gaps``) and the
             request's gap; its history holds every play, skipped ones included.
+        play_clock: The tower also reads the hour of day and weekday of every play
+            (``play_hours``, ``play_weekdays``; only with ``play_signals``).
     """
 
     history_len: int
@@ -286,6 +353,7 @@ class QuerySpec:
     hours: bool = False
     contexts: bool = False
     play_signals: bool = False
+    play_clock: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], history_len: int | None = None) -> QuerySpec:
@@ -297,6 +365,7 @@ class QuerySpec:
             hours=bool(config.get("use_hour", False)),
             contexts=int(config.get("num_contexts", 0)) > 0,
             play_signals=bool(config.get("play_signals", False)),
+            play_clock=bool(config.get("play_clock", False)),
         )
 
     @property
@@ -305,6 +374,7 @@ class QuerySpec:
         used = {"history": True, "users": self.users, "hours": self.hours}
         used["contexts"] = self.contexts
         used.update(dict.fromkeys(PLAY_FIELDS, self.play_signals))
+        used.update(dict.fromkeys(CLOCK_FIELDS, self.play_clock))
         return [f for f in FIELDS if used[f.name]]
 
     @property
@@ -327,6 +397,12 @@ class QuerySpec:
         if self.play_signals:
             out["history_holds"] = "every play, skipped ones included (marked in skips)"
             out["gap_edges_seconds"] = list(GAP_EDGES)
+        if self.play_clock:  # how a client derives the clock inputs from a play's time
+            out["play_clock"] = {
+                "timezone": "UTC",
+                "ts": "each play's unix seconds; a play without a time gets -1 (unknown)",
+                **CLOCK_FORMULAS,
+            }
         return out
 
     def build(
@@ -341,6 +417,8 @@ class QuerySpec:
         skips: np.ndarray | None = None,
         gaps: np.ndarray | None = None,
         request_gaps: np.ndarray | None = None,
+        play_hours: np.ndarray | None = None,
+        play_weekdays: np.ndarray | None = None,
     ) -> QueryBatch:
         """THE builder: CSR histories (item indices, oldest first) + context -> a QueryBatch.
 
@@ -356,6 +434,9 @@ class QuerySpec:
             skips: Skipped flag per history value ``[M]`` (aligned with ``values``) or None.
             gaps: Gap bucket per history value ``[M]`` or None (unknown).
             request_gaps: Gap bucket of each request ``[Q]`` or None (unknown).
+            play_hours: Hour of day per history value ``[M]`` (:func:`play_clock`; -1
+                unknown) or None (unknown).
+            play_weekdays: Weekday per history value ``[M]`` (:func:`play_clock`) or None.
 
         Returns:
             The most recent ``history_len`` items of every history, left-padded, with the
@@ -367,11 +448,11 @@ class QuerySpec:
             length = max(1, min(length, int(np.diff(off).max(initial=1))))
         rel = off - off[0]
 
-        def padded(column: np.ndarray) -> Tensor:
+        def padded(column: np.ndarray, fill: int = 0) -> Tensor:
             window = np.asarray(column[off[0] : off[-1]], dtype=np.int64)  # the rows' values
-            return torch.from_numpy(left_pad_last(window, rel, length))  # [b, length]
+            return torch.from_numpy(left_pad_last(window, rel, length, fill))  # [b, length]
 
-        play = self.play_signals
+        play, clock = self.play_signals, self.play_clock
         return QueryBatch(
             history=padded(values),
             users=_column(users, rows) if self.users else None,
@@ -380,6 +461,14 @@ class QuerySpec:
             skips=padded(skips) if play and skips is not None else None,
             gaps=padded(gaps) if play and gaps is not None else None,
             request_gaps=_column(request_gaps, rows) if play else None,
+            play_hours=(
+                padded(play_hours, UNKNOWN_HOUR) if clock and play_hours is not None else None
+            ),
+            play_weekdays=(
+                padded(play_weekdays, UNKNOWN_WEEKDAY)
+                if clock and play_weekdays is not None
+                else None
+            ),
         )
 
     def build_from(self, queries: Any, rows: slice | None = None, trim: bool = False) -> QueryBatch:
@@ -389,7 +478,8 @@ class QuerySpec:
         ``EvalSet``, or raw queries mapped to a model's vocabulary). A tower that reads the
         per-play signals takes its history from ``plays`` / ``plays_offsets`` (every play,
         with ``plays_skipped`` and ``plays_gaps``) and ``request_gaps`` when the object has
-        them; otherwise from ``history`` with the signals unknown.
+        them; otherwise from ``history`` with the signals unknown. A tower that reads the clock
+        gets it from ``plays_timestamps`` (:func:`play_clock`; unknown when absent).
         """
         plays = getattr(queries, "plays", None) if self.play_signals else None
         if plays is None:
@@ -413,7 +503,14 @@ class QuerySpec:
             skips=queries.plays_skipped,
             gaps=queries.plays_gaps,
             request_gaps=queries.request_gaps,
+            **self._clock_of(getattr(queries, "plays_timestamps", None)),
         )
+
+    def _clock_of(self, timestamps: np.ndarray | None) -> dict[str, np.ndarray]:
+        """``play_hours`` / ``play_weekdays`` of per-play times for :meth:`build` (or none)."""
+        if not self.play_clock or timestamps is None:
+            return {}
+        return dict(zip(CLOCK_FIELDS, play_clock(timestamps), strict=True))
 
     def example(
         self, num_items: int, num_users: int, num_contexts: int, batch: int, seed: int = 0
@@ -431,6 +528,12 @@ class QuerySpec:
             skips = torch.randint(0, 2, (batch, length), generator=g).masked_fill(padding, 0)
             gaps = torch.randint(0, NUM_GAPS, (batch, length), generator=g).masked_fill(padding, 0)
             request_gaps = torch.randint(0, NUM_GAPS, (batch,), generator=g)
+        play_hours = play_weekdays = None
+        if self.play_clock:
+            play_hours = torch.randint(-1, NUM_HOURS, (batch, length), generator=g)
+            play_weekdays = torch.randint(-1, NUM_WEEKDAYS, (batch, length), generator=g)
+            play_hours = play_hours.masked_fill(padding, UNKNOWN_HOUR)  # [B, L]
+            play_weekdays = play_weekdays.masked_fill(padding, UNKNOWN_WEEKDAY)  # [B, L]
         return QueryBatch(
             history=history,
             users=torch.randint(0, num_users, (batch,), generator=g) if self.users else None,
@@ -441,6 +544,8 @@ class QuerySpec:
             skips=skips,
             gaps=gaps,
             request_gaps=request_gaps,
+            play_hours=play_hours,
+            play_weekdays=play_weekdays,
         )
 
 

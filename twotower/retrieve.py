@@ -16,8 +16,10 @@ every gap still means "time since the listener's previous play". The request gap
 minus the last play's time (``at`` defaults to now when any play has a time; without times
 every gap and the request gap are unknown). Skipped plays stay in the history (the tower was
 trained on every play, skipped ones marked); ``exclude="history"`` leaves them out of the
-answer too. A tower without play signals ignores all of this (same answers) and says so in
-``notes``.
+answer too. A tower that also reads the clock (``play_clock``) gets the hour of day and
+weekday (UTC) of each play from its time (:func:`twotower.query.play_clock`; unknown without
+one), dropped with an unknown id like the other signals. A tower without play signals ignores
+all of this (same answers) and says so in ``notes``.
 
 A model trained with a hashed track vocabulary (streaming, manifest ``item_vocab.kind ==
 "hash"``, format 1.1) has one index row per bucket. Its raw track ids map to rows through the
@@ -59,6 +61,7 @@ from twotower.query import (
     QueryBatch,
     QuerySpec,
     gap_buckets,
+    play_clock,
     play_gaps,
 )
 
@@ -303,6 +306,7 @@ class Retriever:
         ctx = np.zeros(n, dtype=np.int64)
         request_gaps = np.full(n, GAP_UNKNOWN, dtype=np.int64)
         unknown, notes, known_rows, skips, gaps = [], [], [], [], []
+        clock_hours, clock_weekdays = [], []
         now = None
         for q, (hist, c) in enumerate(zip(histories, contexts, strict=True)):
             hist = [str(h) for h in hist]
@@ -318,6 +322,9 @@ class Retriever:
             # gaps over the history as sent (its first play: unknown), then dropped with the id
             gaps.append(play_gaps(ts, np.zeros(len(ts), dtype=bool))[known])
             skips.append(marks[known])
+            play_hours, play_weekdays = play_clock(ts)  # [n_q] each, -1 where ts is unknown
+            clock_hours.append(play_hours[known])
+            clock_weekdays.append(play_weekdays[known])
             request_at = at[q]
             if request_at is not None:
                 request_at = _time(request_at, "at" if n == 1 else f"at[{q}]")
@@ -350,7 +357,9 @@ class Retriever:
             skips=np.concatenate([*skips, empty]),
             gaps=np.concatenate([*gaps, empty]),
             request_gaps=request_gaps,
-        )  # a tower without play signals gets none of them (the spec leaves them out)
+            play_hours=np.concatenate([*clock_hours, empty]),
+            play_weekdays=np.concatenate([*clock_weekdays, empty]),
+        )  # a tower without play signals (or clock) gets none of them (the spec leaves them out)
         return query, unknown, notes, known_rows
 
     def _context(self, c: dict, notes: list[str]) -> tuple[int, int, int]:

@@ -252,6 +252,7 @@ class TwoTowerCLI(LightningCLI):
         add_data_options_help(parser)
         parser.link_arguments("data.init_args.window", "model.max_len", apply_on="parse")
         parser.link_arguments("data.init_args.play_signals", "model.play_signals", apply_on="parse")
+        parser.link_arguments("data.init_args.play_clock", "model.play_clock", apply_on="parse")
         for name in DATA_SIZES:
             parser.link_arguments(
                 "data", f"model.{name}", compute_fn=_size_getter(name), apply_on="instantiate"

@@ -194,6 +194,9 @@ class SessionDataModule(pl.LightningDataModule):
         play_signals: Per-play signals: training windows and evaluation histories hold every
             play (skipped ones marked, never a target) with the gap since the previous play;
             linked to ``model.play_signals``.
+        play_clock: Training windows and evaluation histories also carry the hour of day and
+            weekday (UTC) of every play, from its timestamp (needs ``play_signals``); linked
+            to ``model.play_clock``.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (None: when CUDA is available).
         persistent_workers: Keep workers alive between epochs.
@@ -221,6 +224,7 @@ class SessionDataModule(pl.LightningDataModule):
         window: int = 50,
         window_stride: int = 0,
         play_signals: bool = False,
+        play_clock: bool = False,
         num_workers: int = 0,
         pin_memory: bool | None = None,
         persistent_workers: bool = False,
@@ -250,7 +254,10 @@ class SessionDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.window = window
         self.window_stride = window_stride
+        if play_clock and not play_signals:
+            raise ValueError("data.play_clock needs data.play_signals (a per-play signal)")
         self.play_signals = play_signals
+        self.play_clock = play_clock
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -301,7 +308,7 @@ class SessionDataModule(pl.LightningDataModule):
         """Load the data (every rank) and build the training windows."""
         if stage in (None, "fit") and self._train is None:
             windows = build_windows(
-                self.data.train, self.window, self.window_stride, self.play_signals
+                self.data.train, self.window, self.window_stride, self.play_signals, self.play_clock
             )
             self._train = WindowDataset(windows)
 
@@ -360,7 +367,11 @@ class SessionDataModule(pl.LightningDataModule):
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         return EvalDataset(
-            getattr(self.data, split), self.window, self.exclude_seen, self.play_signals
+            getattr(self.data, split),
+            self.window,
+            self.exclude_seen,
+            self.play_signals,
+            self.play_clock,
         )
 
     def val_dataloader(self) -> DataLoader:

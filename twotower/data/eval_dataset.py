@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from twotower.data.prepared import EvalSet
-from twotower.query import PLAY_FIELDS, QuerySpec
+from twotower.query import CLOCK_FIELDS, PLAY_FIELDS, QuerySpec
 
 Batch = dict[str, Tensor]
 
@@ -29,15 +29,28 @@ class EvalDataset(Dataset):
         window: History length ``L``.
         filter_seen: Include the seen-items CSR.
         play_signals: Histories of every play with ``skips``, ``gaps`` and ``request_gaps``.
+        play_clock: Also ``play_hours`` and ``play_weekdays`` of every play.
     """
 
     def __init__(
-        self, eval_set: EvalSet, window: int, filter_seen: bool, play_signals: bool = False
+        self,
+        eval_set: EvalSet,
+        window: int,
+        filter_seen: bool,
+        play_signals: bool = False,
+        play_clock: bool = False,
     ) -> None:
         self.eval_set = eval_set
         self.filter_seen = filter_seen
         # the query contract's builder, with every context field (towers ignore unused ones)
-        spec = QuerySpec(window, users=True, hours=True, contexts=True, play_signals=play_signals)
+        spec = QuerySpec(
+            window,
+            users=True,
+            hours=True,
+            contexts=True,
+            play_signals=play_signals,
+            play_clock=play_clock,
+        )
         self.queries = spec.build_from(eval_set)
         self.targets = torch.from_numpy(eval_set.targets.astype(np.int64))
 
@@ -56,7 +69,7 @@ class EvalDataset(Dataset):
             "users": q.users,
             "hours": q.hours,
             "contexts": q.contexts,
-            **{k: getattr(q, k) for k in PLAY_FIELDS if getattr(q, k) is not None},
+            **{k: getattr(q, k) for k in PLAY_FIELDS + CLOCK_FIELDS if getattr(q, k) is not None},
             "targets": self.targets[idx],
             "rows": idx,
         }

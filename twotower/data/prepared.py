@@ -21,7 +21,8 @@ import pandas as pd
 from twotower.data.report import DataReport
 from twotower.ids import Vocab
 
-CACHE_FORMAT = 2  # 2: evaluation sets carry every play with its per-play signals
+# 2: evaluation sets carry every play with its per-play signals; 3: and its time (the clock)
+CACHE_FORMAT = 3
 
 
 def csr_rows(values: np.ndarray, offsets: np.ndarray, i: int) -> np.ndarray:
@@ -83,6 +84,9 @@ class EvalSet:
         plays_skipped: ``[P]`` int8, 1 where the play was skipped.
         plays_gaps: ``[P]`` int8 gap bucket of each play (:func:`twotower.query.play_gaps`).
         request_gaps: ``[Q]`` int8 gap bucket from the last play to the target.
+        plays_timestamps: ``[P]`` int64 unix seconds of each play (-1 unknown): the hour of
+            day and weekday of each play come from it (:func:`twotower.query.play_clock`).
+        target_timestamps: ``[Q]`` int64 unix seconds of each target (-1 unknown).
     """
 
     history: np.ndarray
@@ -98,6 +102,8 @@ class EvalSet:
     plays_skipped: np.ndarray | None = None
     plays_gaps: np.ndarray | None = None
     request_gaps: np.ndarray | None = None
+    plays_timestamps: np.ndarray | None = None
+    target_timestamps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)

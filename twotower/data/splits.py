@@ -386,7 +386,7 @@ def build_eval_set(
         contexts: Context index per row.
         max_history: Events kept in each history (the most recent ones).
         timestamps: Unix seconds per row (-1 unknown); given, the set also holds every play
-            before each target with its skipped flag and gap bucket (``plays``).
+            before each target with its skipped flag, gap bucket and time (``plays``).
     """
     off = _starts(seq)
     pos_rows = np.flatnonzero(positive)
@@ -420,6 +420,8 @@ def build_eval_set(
             "plays_skipped": (~positive[p_idx].astype(bool)).astype(np.int8),
             "plays_gaps": gaps[p_idx],
             "request_gaps": gaps[target_rows],
+            "plays_timestamps": np.asarray(timestamps, dtype=np.int64)[p_idx],
+            "target_timestamps": np.asarray(timestamps, dtype=np.int64)[target_rows],
         }
     return EvalSet(
         history=history.astype(np.int64),

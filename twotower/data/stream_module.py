@@ -206,6 +206,7 @@ class StreamingSessionDataModule(pl.LightningDataModule):
         window: History length ``L`` of training windows and evaluation queries.
         play_signals: Not on this path yet (refused with a message; kept for the link to
             ``model.play_signals``).
+        play_clock: Likewise (refused; kept for the link to ``model.play_clock``).
         chunk_rows: Rows decoded at a time (the reader's memory bound).
         shuffle: Shuffle windows across ``shuffle_batches`` consecutive batches.
         shuffle_batches: Batches per shuffle pool.
@@ -232,6 +233,7 @@ class StreamingSessionDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         window: int = 50,
         play_signals: bool = False,
+        play_clock: bool = False,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         shuffle: bool = True,
         shuffle_batches: int = 8,
@@ -243,12 +245,13 @@ class StreamingSessionDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if batch_rows < 1 or eval_batch_size < 1 or window < 1:
             raise ValueError("batch_rows, eval_batch_size and window must be >= 1")
-        if play_signals:
+        if play_signals or play_clock:
             raise ValueError(
-                "data.play_signals: the streaming DataModule does not carry per-play signals "
-                "yet; use twotower.data.SessionDataModule (the in-memory path) for them"
+                "data.play_signals / data.play_clock: the streaming DataModule does not carry "
+                "per-play signals yet; use twotower.data.SessionDataModule (the in-memory path) "
+                "for them"
             )
-        self.play_signals = False
+        self.play_signals = self.play_clock = False
         self.path = path
         self.window = window
         self.batch_rows = batch_rows

@@ -3,7 +3,8 @@
 Every training sequence (positive events only) is cut, from its end backwards, into windows of
 ``window + 1`` items, left-padded with 0; input position ``t`` predicts item ``t + 1``. With
 the per-play signals, windows hold every play (skipped ones too, marked in ``skips``: an input,
-never a target) and the gap bucket of each play since the previous one.
+never a target) and the gap bucket of each play since the previous one; with the clock, also
+the hour of day and weekday of each play (:func:`twotower.query.play_clock`).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import numpy as np
 
 from twotower.data.prepared import Sequences
-from twotower.query import play_gaps
+from twotower.query import UNKNOWN_HOUR, UNKNOWN_WEEKDAY, play_clock, play_gaps
 
 
 def build_windows(
-    seqs: Sequences, window: int, stride: int = 0, play_signals: bool = False
+    seqs: Sequences,
+    window: int,
+    stride: int = 0,
+    play_signals: bool = False,
+    clock: bool = False,
 ) -> dict[str, np.ndarray]:
     """Training windows of the positive events of every sequence (vectorised).
 
@@ -28,11 +33,14 @@ def build_windows(
         window: ``L``: inputs per window (each window holds ``L + 1`` items).
         stride: Events between the ends of consecutive windows, ``1..L`` (0 = ``L``).
         play_signals: Windows of every play, with ``skips`` and ``gaps``.
+        clock: Also ``play_hours`` and ``play_weekdays`` (with ``play_signals``).
 
     Returns:
         ``items [W, L+1]`` int64 (0 = pad), ``hours [W, L+1]`` int64 (-1 unknown),
         ``contexts [W, L+1]`` int64, ``users [W]`` int64; with ``play_signals`` also
-        ``skips [W, L+1]`` (1 skipped) and ``gaps [W, L+1]`` (gap buckets, 0 at padding).
+        ``skips [W, L+1]`` (1 skipped) and ``gaps [W, L+1]`` (gap buckets, 0 at padding);
+        with ``clock`` also ``play_hours`` and ``play_weekdays [W, L+1]`` (UTC hour 0..23 and
+        weekday 0..6, Monday = 0, of each play; -1 unknown and at padding).
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
@@ -65,4 +73,8 @@ def build_windows(
         gaps = play_gaps(seqs.timestamps, first)
         out["skips"] = np.where(real, ~seqs.positive[src], False).astype(np.int64)
         out["gaps"] = np.where(real, gaps[src], 0).astype(np.int64)
+        if clock:
+            hours, weekdays = play_clock(seqs.timestamps)  # [N] each, -1 unknown
+            out["play_hours"] = np.where(real, hours[src], UNKNOWN_HOUR)  # [W, L+1]
+            out["play_weekdays"] = np.where(real, weekdays[src], UNKNOWN_WEEKDAY)  # [W, L+1]
     return out

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from twotower.model.loss import RetrievalLoss, resolve_full_softmax
 from twotower.model.towers import ItemTower, QueryTower
-from twotower.query import QueryBatch
+from twotower.query import CLOCK_FIELDS, QueryBatch
 
 VAL_KS = (10, 20)
 MONITOR = "val/ndcg@10"
@@ -57,8 +57,10 @@ class TwoTowerModule(pl.LightningModule):
         play_signals: Read the per-play signals (skipped flag, gap since the previous play,
             position in the session, the request's gap); linked from ``data.play_signals``,
             whose windows then hold skipped plays as inputs.
-        signal_dropout: Share of training windows whose gaps are hidden (unknown), so a
-            history without timestamps still gets a trained answer.
+        play_clock: Also read the hour of day and weekday (UTC) of every play (needs
+            ``play_signals``); linked from ``data.play_clock``, whose windows carry them.
+        signal_dropout: Share of training windows whose gaps (and clock) are hidden
+            (unknown), so a history without timestamps still gets a trained answer.
         temperature: Softmax temperature (initial value when learned).
         learn_temperature: Learn the temperature (clamped to [0.01, 1]).
         num_negatives: Uniformly sampled extra negatives per step (sampled softmax).
@@ -114,6 +116,7 @@ class TwoTowerModule(pl.LightningModule):
         recency_bias: bool = False,
         item_bias: bool = False,
         play_signals: bool = False,
+        play_clock: bool = False,
         signal_dropout: float = 0.1,
         temperature: float = 0.05,
         learn_temperature: bool = False,
@@ -171,6 +174,7 @@ class TwoTowerModule(pl.LightningModule):
             recency_bias=recency_bias,
             item_bias=item_bias,
             play_signals=play_signals,
+            play_clock=play_clock,
         )
         names = ("artist", "album", "genres", "year", "audio")
         unknown = set(item_features or ()) - set(names)
@@ -224,6 +228,11 @@ class TwoTowerModule(pl.LightningModule):
             raise ValueError(
                 f"model.play_signals={self.hparams.play_signals} but data.play_signals="
                 f"{getattr(dm, 'play_signals', False)}: set data.play_signals (train.py links it)"
+            )
+        if bool(getattr(dm, "play_clock", False)) != bool(self.hparams.get("play_clock", False)):
+            raise ValueError(
+                f"model.play_clock={self.hparams.get('play_clock', False)} but data.play_clock="
+                f"{getattr(dm, 'play_clock', False)}: set data.play_clock (train.py links it)"
             )
         window = getattr(dm, "window", self.hparams.max_len)
         if window > self.hparams.max_len:
@@ -306,11 +315,17 @@ class TwoTowerModule(pl.LightningModule):
         if "skips" in cols:  # per-play signals: every play is an input, a skipped one no target
             skips, gaps = cols["skips"], cols["gaps"]  # [B, L'+1]
             valid &= skips[:, 1:] == 0
+            clock = [cols[k] for k in CLOCK_FIELDS if k in cols]  # [B, L'+1] each, -1 unknown
             if self.training and self.hparams.get("signal_dropout", 0.0) > 0:
-                # some rows lose their gaps, so the "unknown" (no timestamps) inputs are trained
+                # some rows lose their times (gaps and clock), so the "unknown" (no timestamps)
+                # inputs are trained
                 drop = torch.rand(gaps.shape[0], 1, device=gaps.device)
-                gaps = gaps * (drop >= self.hparams.signal_dropout).long()  # [B, L'+1]
+                kept = drop >= self.hparams.signal_dropout  # [B, 1]
+                gaps = gaps * kept.long()  # [B, L'+1]
+                clock = [c.masked_fill(~kept, -1) for c in clock]  # [B, L'+1] each
             query.skips, query.gaps, query.request_gaps = skips[:, :-1], gaps[:, :-1], gaps[:, 1:]
+            if clock:  # the clock of each input play (not of the predicted one)
+                query.play_hours, query.play_weekdays = (c[:, :-1] for c in clock)
             items = items.masked_fill(skips == 1, 0)  # skipped plays are no (later) targets
         queries = self._sequence_fn(query)  # [B, L', dim]
         exclude = seen_pairs(inputs, valid) if self.mask_seen else None

@@ -22,6 +22,7 @@ from twotower.query import (
     GAP_FIRST,
     NUM_GAPS,
     NUM_HOURS,
+    NUM_WEEKDAYS,
     SESSION_BREAK,
     SKIPPED,
     UNKNOWN_HOUR,
@@ -37,6 +38,11 @@ _ENCODER_PARAMS = frozenset({"position_embedding", "blocks", "final_norm", "rece
 def _hour_index(hours: Tensor) -> Tensor:
     """Hour of day ``-1..23`` -> embedding index ``0..24`` (0 = unknown)."""
     return (hours.long() + 1).clamp(0, NUM_HOURS)
+
+
+def _weekday_index(weekdays: Tensor) -> Tensor:
+    """Weekday ``-1..6`` (Monday = 0) -> embedding index ``0..7`` (0 = unknown)."""
+    return (weekdays.long() + 1).clamp(0, NUM_WEEKDAYS)
 
 
 def _head(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
@@ -78,6 +84,9 @@ class QueryTower(nn.Module):
             previous play, and the position in the session derived from the gaps, each an
             embedding added to the play's item embedding) and the request's gap (an embedding
             beside the encoder state). Off: those inputs are ignored.
+        play_clock: Also read the hour of day and weekday (UTC) of every play, each an
+            embedding added to the play's (learned "unknown" rows for plays without a time).
+            Needs ``play_signals``; off: ``play_hours`` / ``play_weekdays`` are ignored.
     """
 
     def __init__(
@@ -98,6 +107,7 @@ class QueryTower(nn.Module):
         recency_bias: bool = False,
         item_bias: bool = False,
         play_signals: bool = False,
+        play_clock: bool = False,
     ) -> None:
         super().__init__()
         if encoder not in ENCODERS:
@@ -126,8 +136,13 @@ class QueryTower(nn.Module):
             self._config["item_bias"] = True
         if play_signals:  # likewise only when on
             self._config["play_signals"] = True
+        if play_clock:  # likewise: towers without it keep their config and state dict
+            if not play_signals:
+                raise ValueError("play_clock needs play_signals (the clock is a per-play signal)")
+            self._config["play_clock"] = True
         self.item_bias = bool(item_bias)
         self.play_signals = bool(play_signals)
+        self.play_clock = bool(play_clock)
         self.encoder = encoder
         self.max_len = max_len
         self.id_dim = id_dim
@@ -168,6 +183,12 @@ class QueryTower(nn.Module):
                 nn.init.normal_(table.weight, std=0.02)
             self.request_gap_embedding = nn.Embedding(NUM_GAPS, id_dim)
             in_dim += id_dim
+        self.play_hour_embedding = self.play_weekday_embedding = None
+        if play_clock:  # index 0 = unknown (no time), learned like the unknown gap
+            self.play_hour_embedding = nn.Embedding(NUM_HOURS + 1, id_dim)
+            self.play_weekday_embedding = nn.Embedding(NUM_WEEKDAYS + 1, id_dim)
+            for table in (self.play_hour_embedding, self.play_weekday_embedding):
+                nn.init.normal_(table.weight, std=0.02)
         self.head = _head(in_dim, mlp_hidden, dim - 1 if item_bias else dim, dropout)
 
     @property
@@ -209,7 +230,7 @@ class QueryTower(nn.Module):
         return states * real.unsqueeze(-1).to(states.dtype)
 
     def _play_embedding(self, items: Tensor, query: QueryBatch | None) -> Tensor:
-        """Skipped flag + gap + position-in-session embeddings of every play ``[B, L, id_dim]``."""
+        """Skip + gap + session-position (+ clock) embeddings of every play ``[B, L, id_dim]``."""
         assert self.skip_embedding is not None and self.gap_embedding is not None
         assert self.position_in_session is not None
         real = items != 0  # [B, L]
@@ -230,6 +251,14 @@ class QueryTower(nn.Module):
         position = position * known.long()  # [B, L] 0 = unknown
         out = self.skip_embedding(skipped) + self.gap_embedding(gaps)  # [B, L, id_dim]
         out = out + self.position_in_session(position)  # [B, L, id_dim]
+        if self.play_hour_embedding is not None and self.play_weekday_embedding is not None:
+            hours = None if query is None else query.play_hours
+            weekdays = None if query is None else query.play_weekdays
+            unknown = torch.full_like(items, -1)  # [B, L]
+            hours = unknown if hours is None else hours  # [B, L] -1 unknown
+            weekdays = unknown if weekdays is None else weekdays  # [B, L] -1 unknown
+            out = out + self.play_hour_embedding(_hour_index(hours))  # [B, L, id_dim]
+            out = out + self.play_weekday_embedding(_weekday_index(weekdays))  # [B, L, id_dim]
         # nothing at padding: a mean encoder sums every position, so padding must add zero
         return out * real.unsqueeze(-1).to(out.dtype)
 

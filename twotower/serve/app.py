@@ -25,9 +25,11 @@ search); a request alone is answered at once (see that module for when batches f
 seconds, "skipped": bool}`` (``ts`` and ``skipped`` optional; the two forms mix), and the
 request may say when it is made (``at``, unix seconds). Play times must be oldest first and
 ``at`` no earlier than the last play (else 422, naming the field). A model trained with play
-signals reads them; without times every gap is unknown and ``at`` defaults to the server's
-clock when some play has a time (see :mod:`twotower.retrieve`); a plain id is a play that was
-not skipped. A model without play signals answers as if only the ids were sent, with a note.
+signals reads them (and a model trained with the play clock the hour of day and weekday, UTC,
+of each play's ``ts``); without times every gap and clock is unknown and ``at`` defaults to the
+server's clock when some play has a time (see :mod:`twotower.retrieve`); a plain id is a play
+that was not skipped. A model without play signals answers as if only the ids were sent, with
+a note.
 
 Tracks of the history are left out of the answer when the request says ``exclude_history``;
 without it the artifact decides (``filter_seen`` of the run's data config, as in evaluation),
@@ -148,7 +150,11 @@ class Play(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     track: TrackId = Field(..., description="track id")
     ts: int | None = Field(
-        None, ge=0, le=MAX_TS, description="when it was played, unix seconds (a JSON integer)"
+        None,
+        ge=0,
+        le=MAX_TS,
+        description="when it was played, unix seconds (a JSON integer); also gives the play's "
+        "hour of day and weekday (UTC) to a model that reads them",
     )
     skipped: bool | None = Field(None, description="the listener skipped it (default false)")
 
