@@ -40,7 +40,7 @@ from twotower.metrics import NUM_RESERVED, metrics_from_ranks, rank_from_scores
 log = logging.getLogger("twotower")
 
 #: Names accepted by :func:`make_baseline` and :func:`fit_baselines`, in table order.
-BASELINES: tuple[str, ...] = ("popular", "cooccurrence", "als")
+BASELINES: tuple[str, ...] = ("popular", "transitions", "cooccurrence", "als")
 
 
 def positive_counts(data: PreparedData) -> np.ndarray:
@@ -456,6 +456,26 @@ COOC_GRID: dict[str, list[Any]] = {
     "decay": [1.0, 0.8, 0.5],
 }
 ALS_GRID: dict[str, list[Any]] = {"factors": [32, 64, 128], "regularization": [0.01, 0.1, 1.0]}
+#: Next-track transitions alone: co-occurrence with ``mix = 1`` (the window is then unused).
+TRANSITIONS_GRID: dict[str, list[Any]] = {"n_last": [1, 5, 20], "decay": [1.0, 0.8, 0.5, 0.2]}
+
+
+class Transitions(ItemCooccurrence):
+    """Next-track transitions only: :class:`ItemCooccurrence` with ``mix = 1``.
+
+    The session-based baseline of published comparisons (a first-order Markov chain over the
+    recency-weighted last ``n_last`` plays); listed on its own so that a table shows it even
+    where the tuned co-occurrence mixes in the symmetric matrix.
+    """
+
+    name = "transitions"
+
+    def __init__(self, n_last: int = 5, decay: float = 0.5) -> None:
+        super().__init__(n_last=n_last, decay=decay, mix=1.0, window=1)
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters (``mix`` is fixed at 1)."""
+        return {"n_last": self.n_last, "decay": self.decay}
 
 
 def make_baseline(name: str, **params: Any) -> Baseline:
@@ -464,6 +484,8 @@ def make_baseline(name: str, **params: Any) -> Baseline:
         return MostPopular()
     if name == "cooccurrence":
         return ItemCooccurrence(**params)
+    if name == "transitions":
+        return Transitions(**params)
     if name == "als":
         return ALS(**params)
     raise ValueError(f"unknown baseline {name!r}; expected one of {list(BASELINES)}")
@@ -501,10 +523,12 @@ def fit_baselines(
                     raise
                 log.warning("skipping the ALS baseline: %s", e)
                 continue
-        grid = {"cooccurrence": COOC_GRID, "als": ALS_GRID}.get(name)
+        grid = {"cooccurrence": COOC_GRID, "transitions": TRANSITIONS_GRID, "als": ALS_GRID}.get(
+            name
+        )
         params: dict[str, Any] = {}
         if tune_on_valid and grid is not None and len(data.valid):
-            refit = {"cooccurrence": ["window"], "als": None}[name]
+            refit = {"cooccurrence": ["window"], "transitions": [], "als": None}[name]
             params = tune(
                 functools.partial(make_baseline, name), grid, data, filter_seen, refit=refit
             ).params
