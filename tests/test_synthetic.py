@@ -357,18 +357,13 @@ def test_scrobble_options_validated():
 
 
 def test_scrobble_config_cuts_the_last_tenths(scrobble):
-    """configs/synthetic-scrobble.yaml: validation and test are the last ~10% each."""
+    """configs/synthetic-scrobble.yaml: next-in-session cases in the last ~10% each."""
     from pathlib import Path
 
     import yaml
 
-    from twotower.data.pipeline import parse_cutoff
-
     path = Path(__file__).resolve().parents[1] / "configs" / "synthetic-scrobble.yaml"
     data = yaml.safe_load(path.read_text())["data"]
-    assert data["options"] == {"preset": "scrobble"} and data["split"] == "time"
-    ts = scrobble[0].interactions["timestamp"].to_numpy(dtype=np.int64)
-    lo, span = ts.min(), ts.max() - ts.min()
-    val = (parse_cutoff(data["val_cutoff"]) - lo) / span
-    test = (parse_cutoff(data["test_cutoff"]) - lo) / span
-    assert 0.75 <= val < test <= 0.95 and 0.05 <= test - val <= 0.15
+    assert data["options"] == {"preset": "scrobble"} and data["split"] == "next_in_session"
+    assert (data["val_cutoff"], data["test_cutoff"]) == (0.8, 0.9)  # time quantiles of the plays
+    assert data["play_signals"] is True and data["sequence_by"] == "user"
