@@ -336,3 +336,33 @@ def test_setup_logging_quiets_and_verbose_restores():
         setup_logging(1)
         assert logging.getLogger("faiss.loader").getEffectiveLevel() <= logging.INFO
     setup_logging(0)
+
+
+def test_quiet_logs_survive_a_library_that_resets_its_level():
+    """The pipeline imports Lightning after setup_logging, and that import sets its logger to
+    INFO again ("Seed set to 0", "GPU available", the litlogger tip were printed)."""
+    import io
+    import logging
+
+    from twotower.log_setup import setup_logging
+
+    root = logging.getLogger()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root.addHandler(handler)
+    try:
+        setup_logging(0)
+        logging.getLogger("pytorch_lightning").setLevel(logging.INFO)  # as the late import does
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").info("GPU available: False")
+        logging.getLogger("lightning_fabric.utilities.seed").info("Seed set to 0")
+        logging.getLogger("pytorch_lightning").warning("a real warning")
+        logging.getLogger("twotower").info("our message")
+        out = stream.getvalue()
+        assert "GPU available" not in out and "Seed set" not in out
+        assert "a real warning" in out and "our message" in out
+        setup_logging(1)
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").info("GPU again")
+        assert "GPU again" in stream.getvalue()
+    finally:
+        root.removeHandler(handler)
+        setup_logging(0)

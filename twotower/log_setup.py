@@ -24,6 +24,15 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
 )
 
 
+class _QuietLibraries(logging.Filter):
+    """Drops records below WARNING from the :data:`NOISY_LOGGERS` (and their children)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(record.name == n or record.name.startswith(n + ".") for n in NOISY_LOGGERS)
+
+
 def setup_logging(verbose: int = 0) -> None:
     """Configure logging and warnings for a command line run.
 
@@ -38,6 +47,13 @@ def setup_logging(verbose: int = 0) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
+    for h in root.handlers:
+        # a library imported later (the pipeline imports Lightning lazily) sets its logger's
+        # level to INFO again; the handler's filter keeps its INFO messages out all the same
+        for f in [f for f in h.filters if isinstance(f, _QuietLibraries)]:
+            h.removeFilter(f)
+        if not verbose:
+            h.addFilter(_QuietLibraries())
     root.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
     logging.getLogger("twotower").setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
     for name in NOISY_LOGGERS:
