@@ -1,8 +1,13 @@
 """Quality benchmark: the two-tower model vs the baselines, same split, same metric code.
 
-    python bench/quality.py                          # ml-100k, hetrec, synthetic
+    python bench/quality.py                          # every dataset below
     python bench/quality.py --datasets ml-100k --bootstrap 1000
+    python bench/quality.py --datasets ml-100k --seeds 3     # adds the 3-seed ensemble row
     python bench/quality.py --datasets synthetic --quick   # smoke run (tiny preset, 1 epoch)
+
+Datasets (one shipped config each, trained once, as a user runs it): ``synthetic``
+(``configs/default.yaml``, the README's main job, printed beside the generator's Bayes ceiling),
+``scrobble`` (``configs/synthetic-scrobble.yaml``), ``ml-100k``, ``hetrec``.
 
 For each dataset: train the model with ``twotower.train.fit`` (its config), reload the best
 checkpoint (validation NDCG@10), fit and tune every baseline on the same training part (tuning on
@@ -14,7 +19,10 @@ mean popularity, fit time) with the paired difference model - best baseline. Wri
 
 Protocols: ML-100K leave-last-out per user by timestamp, seen items filtered; HetRec Last.fm-2K
 has no play order: a seeded random per-user holdout (the last of a random order), seen filtered;
-synthetic "default" preset leave-last-out per user, seen kept (re-listening is normal).
+synthetic "default" preset leave-last-out per user, seen kept (re-listening is normal);
+synthetic "scrobble" preset: the next track of the current session given the listener's whole
+earlier history, forward in time (``split: next_in_session``), seen kept. The last block is the
+summary table: per dataset the model, the best tuned baseline and the paired NDCG@10 difference.
 """
 
 from __future__ import annotations
@@ -51,30 +59,6 @@ ML1M_PUBLISHED: list[tuple[str, float, float]] = [
 ]
 
 
-# Overrides of configs/default.yaml for the synthetic benchmark (chosen on validation NDCG@10).
-SYNTHETIC_BENCH: dict[str, Any] = {
-    "model.full_softmax": True,
-    "model.num_negatives": 0,
-    "model.dense_targets": 5,
-    "model.dense_weight": 1.0,
-    # validation (helper log 2026-12-01): sessions are short (p50 7 plays), so a 20-play window
-    # with a learned recency bias and temperature, context off: 0.2139 after 3 epochs, still
-    # rising (0.2187 after 4) where the settings above plateau at ~0.208
-    "data.window": 20,
-    "data.window_stride": 10,
-    "model.recency_bias": True,
-    "model.use_context": False,
-    "model.learn_temperature": True,
-    # validation (2026-12-01, second session): 250 artists do not fit 63 near-orthogonal
-    # directions; d = 128 with the item bias (Zipf popularity inside each cluster) peaks at
-    # 0.2298 after 4 epochs (d = 64 with the bias: 0.2245; without: 0.222), then overfits
-    "model.dim": 128,
-    "model.id_dim": 128,
-    "model.item_bias": True,
-    "trainer.max_epochs": 6,
-}
-
-
 @dataclass
 class Dataset:
     """One benchmark dataset: configs and overrides for ``fit``, and how it is described."""
@@ -86,28 +70,34 @@ class Dataset:
     needs: Path | None = None
     peers: list[tuple[str, float, float]] = field(default_factory=list)
     seeds: int = 1  # > 1: also train seeds 1.. and report their ensemble (one two-tower model)
+    ceiling: bool = False  # add the generator's Bayes ceiling rows (synthetic default preset)
 
 
 def datasets(quick: bool) -> dict[str, Dataset]:
-    """The benchmark datasets (``quick``: the tiny synthetic preset and one epoch)."""
+    """The benchmark datasets, one shipped config each (``quick``: tiny data, one epoch).
+
+    Every row is one model trained by a shipped config as a user would run it; no
+    benchmark-only overrides (``--seeds N`` adds an ensemble row on request).
+    """
     epochs = {"trainer.max_epochs": 1} if quick else {}
-    ml = str(REPO / "configs" / "movielens-100k.yaml")
+    cfg = REPO / "configs"
+    forward = (
+        "the next track of the current session given the listener's whole earlier history "
+        "(one seeded position per session), forward in time, full catalogue, seen items kept"
+    )
     return {
         "ml-100k": Dataset(
             name="ml-100k",
-            configs=[ml],
+            configs=[str(cfg / "movielens-100k.yaml")],
             overrides={"data.path": str(SHARED / "ml-100k"), **epochs},
             protocol="leave-last-out per user (by timestamp), full catalogue, seen items filtered",
             needs=SHARED / "ml-100k",
             peers=ML100K_PEERS,
-            # validation (2026-12-01): seeds 0, 1, 2 alone 0.1246 / 0.1296 / 0.1195, their
-            # ensemble 0.1344 (co-occurrence 0.1175); epoch-to-epoch noise is +-0.004
-            seeds=3,
         ),
         "hetrec": Dataset(
             name="hetrec-lastfm-2k",
             # a bag-of-artists model (mean query, held-out-artists full softmax): no play order
-            configs=[str(REPO / "configs" / "hetrec-lastfm-2k.yaml")],
+            configs=[str(cfg / "hetrec-lastfm-2k.yaml")],
             overrides={"data.path": str(SHARED / "hetrec2011-lastfm-2k"), **epochs},
             protocol=(
                 "no play order in the data: seeded random per-user holdout (last two of a random "
@@ -116,13 +106,17 @@ def datasets(quick: bool) -> dict[str, Dataset]:
             needs=SHARED / "hetrec2011-lastfm-2k",
         ),
         "synthetic": Dataset(
-            name="synthetic-tiny" if quick else "synthetic-default",
-            configs=[str(REPO / "configs" / ("tiny.yaml" if quick else "default.yaml"))],
-            # bench-only (configs/default.yaml stays a ~1-minute run): full softmax over the
-            # 5,000 tracks with the dense all-action term and half-overlapping windows, about
-            # 3x the training cost per epoch
-            overrides=epochs if quick else SYNTHETIC_BENCH,
+            name="synthetic-tiny" if quick else "synthetic-default (the main job)",
+            configs=[str(cfg / ("tiny.yaml" if quick else "default.yaml"))],
+            overrides=epochs,
             protocol="leave-last-out per user, full catalogue, seen items kept (re-listening)",
+            ceiling=not quick,
+        ),
+        "scrobble": Dataset(
+            name="synthetic-scrobble",
+            configs=[str(cfg / "synthetic-scrobble.yaml")],
+            overrides=epochs,
+            protocol=forward,
         ),
     }
 
@@ -167,6 +161,8 @@ def run_dataset(ds: Dataset, bootstrap: int, extra: dict[str, Any], baselines: l
         )
         rows.insert(0, (ensemble, "model"))  # the headline row (table.paired) comes first
     filter_seen = bool(data.params.get("filter_seen", False))
+    if ds.ceiling:  # the generator's own next-play law: the best any model can do
+        rows.append((ceiling_scorer(ds, extra), "model"))
     fitted = fit_baselines(data, baselines, filter_seen=filter_seen)
     scorers = [*rows, *[(b, "baseline") for b in fitted]]
     table = evaluate_scorers(
@@ -186,6 +182,42 @@ def run_dataset(ds: Dataset, bootstrap: int, extra: dict[str, Any], baselines: l
         "report": data.report.format(),
     }
     return table
+
+
+def ceiling_scorer(ds: Dataset, extra: dict[str, Any]) -> Any:
+    """The Bayes ceiling "with sessions" of ``bench/synthetic_ceiling.py`` as a scorer row."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from synthetic_ceiling import TableScorer, ceiling_scores
+
+    from twotower.config import load_data_config
+    from twotower.data.pipeline import prepare_data
+
+    cfg = load_data_config(ds.configs, {**ds.overrides, **extra})
+    scores = ceiling_scores(prepare_data(cfg), cfg)["with sessions"]  # [Q, V]
+    return TableScorer("Bayes ceiling, with sessions (reference)", scores)
+
+
+def summary(results: list[tuple[Dataset, Any]]) -> str:
+    """One line per dataset: the model, the best tuned baseline, the paired NDCG@10 difference."""
+    lines = [
+        "### Summary: single model, shipped config, test split",
+        "",
+        "| data | two-tower NDCG@10 | best tuned baseline | paired NDCG@10 difference [95% CI] |",
+        "|---|---|---|---|",
+    ]
+    for ds, table in results:
+        p = table.paired
+        rows = {r.name: r for r in table.rows}
+        if p is None:
+            continue
+        model = rows[p["model"]].metrics["ndcg@10"][0]
+        base = rows[p["baseline"]].metrics["ndcg@10"][0]
+        verdict = "ahead" if p["lo"] > 0 else ("behind" if p["hi"] < 0 else "level")
+        lines.append(
+            f"| {ds.name} | {model:.4f} | {p['baseline']} {base:.4f} | "
+            f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]: {verdict} |"
+        )
+    return "\n".join(lines)
 
 
 def markdown(table: Any, ds: Dataset) -> str:
@@ -262,9 +294,9 @@ def plot_recall(table: Any, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; prints Markdown, writes plots and JSON under ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--datasets", default="ml-100k,hetrec,synthetic")
+    ap.add_argument("--datasets", default="synthetic,scrobble,ml-100k,hetrec")
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--baselines", default="popular,cooccurrence,als")
+    ap.add_argument("--baselines", default="popular,transitions,cooccurrence,als")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 1 epoch")
     ap.add_argument(
@@ -284,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     specs = datasets(args.quick)
     blocks = []
+    results: list[tuple[Dataset, Any]] = []
     for key in [d.strip() for d in args.datasets.split(",") if d.strip()]:
         if key not in specs:
             print(f"unknown dataset {key!r}; choose from {sorted(specs)}", file=sys.stderr)
@@ -299,10 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = {**table.to_dict(), "extra": getattr(table, "extra", {})}
         (out / f"quality_{key}.json").write_text(table.to_json())
         (out / f"quality_{key}_extra.json").write_text(json.dumps(payload["extra"], indent=1))
+        results.append((ds, table))
         block = markdown(table, ds)
         blocks.append(block)
         print(block, flush=True)
         print(flush=True)
+    blocks.append(summary(results))
+    print(blocks[-1], flush=True)
     if any(k.strip() == "ml-100k" for k in args.datasets.split(",")):
         blocks.append(published_block())
         print(blocks[-1])
