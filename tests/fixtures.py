@@ -256,6 +256,85 @@ def write_lastfm1k(folder: Path) -> Path:
     return d
 
 
+def write_lastfm1k_log(
+    folder: Path,
+    n_listeners: int,
+    *,
+    sessions_per_user: float = 60.0,
+    span_days: float = 182.0,
+    p_no_track_mbid: float = 0.03,
+    p_double: float = 0.02,
+    seed: int = 0,
+) -> Path:
+    """A realistic Last.fm-1K plays file from the synthetic ``scrobble`` preset.
+
+    Same layout as the real ``userid-timestamp-artid-artname-traid-traname.tsv``: listeners
+    ``user_000001``.., newest play first within each listener, ISO ``...Z`` timestamps, artist
+    MBID and name, track MBID and name. MBIDs are UUID5s of the synthetic ids (stable across
+    runs). Skipped plays are dropped (Last.fm only scrobbles played tracks); a share of the
+    tracks has no track MBID (as ~3% of the real rows) and a share of the plays is scrobbled
+    twice a few seconds apart (double scrobbles, removed by ``dedupe_consecutive``).
+
+    Args:
+        folder: Created if missing; the file goes to ``folder / lastfm-dataset-1K``.
+        n_listeners: Listeners in the file (1 = one listener's file).
+        sessions_per_user: Mean sessions per listener (the preset has 60, ~12 plays each).
+        span_days: Days of history from 2009-01-01.
+        p_no_track_mbid: Share of tracks written without a track MBID.
+        p_double: Share of plays scrobbled twice.
+        seed: Generator seed.
+
+    Returns:
+        The path of the TSV file.
+    """
+    import uuid
+
+    import numpy as np
+    import pandas as pd
+
+    from twotower.data.synthetic import generate, make_config
+
+    cfg = make_config(
+        "scrobble",
+        n_users=n_listeners,
+        sessions_per_user=sessions_per_user,
+        span_days=span_days,
+        start_date="2009-01-01",
+        seed=seed,
+    )
+    plays, tracks, _ = generate(cfg)
+    plays = plays[~plays["skipped"].to_numpy()]  # Last.fm has no skips
+    rng = np.random.default_rng(seed)
+    double = rng.random(len(plays)) < p_double
+    again = plays[double].copy()
+    again["timestamp"] = again["timestamp"] + rng.integers(1, 30, size=len(again))
+    plays = pd.concat([plays, again]).sort_values(["user_id", "timestamp"], kind="stable")
+    meta = tracks.set_index("track_id")
+    used = plays["track_id"].unique()
+    no_mbid = set(used[rng.random(len(used)) < p_no_track_mbid])
+
+    def mbid(kind: str, key: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"twotower-lastfm-{kind}/{key}"))
+
+    track_mbid = {t: "" if t in no_mbid else mbid("track", t) for t in used}
+    artist = meta["artist"].reindex(used).to_dict()
+    title = meta["title"].reindex(used).to_dict()
+    artist_mbid = {a: mbid("artist", a) for a in set(artist.values())}
+    user = {u: f"user_{int(u[1:]) + 1:06d}" for u in plays["user_id"].unique()}
+    stamp = pd.to_datetime(plays["timestamp"].to_numpy(), unit="s", utc=True)
+    iso = stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = [
+        f"{user[u]}\t{ts}\t{artist_mbid[artist[t]]}\t{artist[t]}\t{track_mbid[t]}\t{title[t]}"
+        for u, t, ts in zip(plays["user_id"], plays["track_id"], iso, strict=True)
+    ]
+    # listeners in id order, each newest first (the file reversed within a listener)
+    order = np.lexsort((-np.arange(len(rows)), plays["user_id"].map(user).to_numpy()))
+    d = _mkdir(Path(folder) / "lastfm-dataset-1K")
+    f = d / LASTFM_FILE
+    f.write_text("\n".join(rows[i] for i in order) + "\n", encoding="utf-8")
+    return f
+
+
 # ------------------------------------------------------------------------------ HetRec 2K
 HETREC_EXPECTED = {
     "rows_read": 5,

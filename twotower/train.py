@@ -414,4 +414,24 @@ def main(argv: list[str] | None = None) -> None:
     verbose = sum(a in ("-v", "--verbose") for a in args)
     setup_logging(verbose)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter", category=UserWarning)
-    TwoTowerCLI(args=[a for a in args if a not in ("-v", "--verbose")])
+    try:
+        TwoTowerCLI(args=[a for a in args if a not in ("-v", "--verbose")])
+    except Exception as e:  # data that cannot train: one line naming the option (-v: traceback)
+        err = _data_error(e)
+        if err is None or verbose:
+            raise
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _data_error(e: BaseException | None) -> BaseException | None:
+    """The :class:`DataError` that caused ``e`` (jsonargparse wraps it in a ValueError), if any."""
+    from twotower.data.schema import DataError
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, DataError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None

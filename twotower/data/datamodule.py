@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from twotower.data.eval_dataset import EvalDataset
 from twotower.data.pipeline import DataConfig, prepare_data
 from twotower.data.prepared import PreparedData
+from twotower.data.schema import DataError
 from twotower.data.windows import build_windows
 from twotower.query import left_pad_last  # noqa: F401  (re-export)
 
@@ -161,6 +162,26 @@ class WindowDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def _no_validation_message(params: dict[str, Any]) -> str:
+    """Why training cannot start without validation queries, naming the options to change."""
+    split = params.get("split", "?")
+    msg = f"{params.get('source', 'data')}: no validation queries (data.split={split}), so no "
+    msg += "model can be selected"
+    if split in ("time", "next_in_session"):
+        cut = params.get("resolved_cutoffs", {})
+        msg += (
+            f": nothing to evaluate starts in [{cut.get('val_cutoff', '?')}, "
+            f"{cut.get('test_cutoff', '?')}) (data.val_cutoff={params.get('val_cutoff')!r}, "
+            f"data.test_cutoff={params.get('test_cutoff')!r}); move the cut-offs (e.g. "
+            "--data.val_cutoff 0.7 --data.test_cutoff 0.85) or use more data"
+        )
+        if split == "next_in_session":
+            msg += " (a case needs a session with 2+ positive plays that starts in the period)"
+    else:
+        msg += "; use more data"
+    return msg + "; `twotower data-report` shows the split"
 
 
 class SessionDataModule(pl.LightningDataModule):
@@ -306,6 +327,8 @@ class SessionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the data (every rank) and build the training windows."""
+        if stage == "fit" and len(self.data.valid) == 0:
+            raise DataError(_no_validation_message(self.data.params))
         if stage in (None, "fit") and self._train is None:
             windows = build_windows(
                 self.data.train, self.window, self.window_stride, self.play_signals, self.play_clock

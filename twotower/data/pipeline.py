@@ -411,7 +411,14 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         ev, sequence_by, cutoffs, cfg.kcore, report, split=cfg.split, seed=cfg.seed
     )
     if len(ev) == 0 or (cfg.kcore > 1 and not (roles == sp.TRAIN).any()):
-        raise DataError(f"{report.source}: no training interactions left after filtering (kcore?)")
+        why = (
+            f"the k-core filter (data.kcore={cfg.kcore}) keeps only listeners and tracks with "
+            f"{cfg.kcore}+ training plays; lower it (--data.kcore 2, or 0 for off, e.g. for one "
+            "listener's file) or use more data"
+            if cfg.kcore > 1
+            else "check the cut-offs (data.val_cutoff, data.test_cutoff) and the input"
+        )
+        raise DataError(f"{report.source}: no training plays left after filtering: {why}")
 
     # Vocabularies from the training rows only: later tracks/users/contexts map to OOV.
     train = roles == sp.TRAIN

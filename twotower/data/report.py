@@ -92,7 +92,10 @@ class DataReport:
         out = []
         for part, name in (("test", "test"), ("valid", "validation")):
             n = self.split.get(part)
-            if n is not None and n < MIN_EVAL_QUERIES:
+            if n == 0:  # not noise but nothing: training (validation) or evaluate (test) stops
+                use = "training has nothing to select on" if part == "valid" else "nothing to test"
+                out.append(f"no {name} queries: {use}; {advice}")
+            elif n is not None and n < MIN_EVAL_QUERIES:
                 out.append(
                     f"only {n:,} {name} queries (fewer than {MIN_EVAL_QUERIES}): its metrics are "
                     f"noise; {advice}"
