@@ -9,7 +9,6 @@ by :mod:`twotower.config`.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -237,14 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         warn_unused(args.config_args, "data-report")
         cfg = load_data_config(args.config_args.files, args.config_args.overrides)
-        logger = logging.getLogger("twotower")
-        level = logger.level
-        if not args.verbose:  # the report is printed below; the pipeline's log would repeat it
-            logger.setLevel(logging.WARNING)
-        try:
-            report = data_report(cfg)
-        finally:
-            logger.setLevel(level)
+        report = data_report(cfg)  # printed here, not logged as well
         print(report.format())
         if args.json:
             Path(args.json).write_text(report.to_json())

@@ -404,7 +404,7 @@ def _run(
         cfg = load_data_config(paths, data_over)
         folder = cache_path(cfg)
         cache_hit = folder is not None and folder.is_dir()
-        data = prepare_data(cfg)
+        data = prepare_data(cfg, log_report=False)  # printed below
         if cache_hit:
             log.info("data: reusing cached preprocessing at %s", folder)
         elif folder is not None:

@@ -540,11 +540,16 @@ def cache_path(cfg: DataConfig, fp: str | None = None) -> Path | None:
     return Path(cfg.cache_dir) / (fp or fingerprint(cfg))[:16]
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
+def prepare_data(cfg: DataConfig, log_report: bool = True) -> PreparedData:
     """Load, sessionize, filter, split and encode the data of ``cfg``, with a cache.
 
     A cached result is used when its fingerprint matches; a truncated or corrupt cache folder
     is logged as a warning and rebuilt.
+
+    Args:
+        cfg: The data options.
+        log_report: Log the data report when the data is built (a caller that prints the
+            report itself passes False, so it is not shown twice).
 
     Raises:
         DataError: Bad input or impossible settings (the message names the file/column/option).
@@ -564,15 +569,16 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     elif folder is not None:
         log.info("data cache miss: %s", folder)
     data = _build(cfg, fp)
-    log.info("%s", data.report.format())
+    if log_report:
+        log.info("%s", data.report.format())
     if folder is not None:
         data.save(folder)
     return data
 
 
 def data_report(cfg: DataConfig) -> DataReport:
-    """The report of :func:`prepare_data` (what ``twotower data-report`` prints)."""
-    return prepare_data(cfg).report
+    """The report of :func:`prepare_data` (what ``twotower data-report`` prints; not logged)."""
+    return prepare_data(cfg, log_report=False).report
 
 
 def replace_config(cfg: DataConfig, **changes: Any) -> DataConfig:
