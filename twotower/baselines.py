@@ -443,8 +443,13 @@ def tune(
                 setattr(model, n, params[n])
         value = metrics_from_ranks(baseline_ranks(model, valid, filter_seen), [k])[metric]
         trials.append((params, value))
-        log.info("tune %s %s: valid %s = %.4f", model.name, params, metric, value)
+        log.debug("tune %s %s: valid %s = %.4f", model.name, params, metric, value)
     best, best_value = max(trials, key=lambda t: t[1]) if trials else ({}, float("nan"))
+    if trials:  # one line per baseline; every trial at DEBUG (-vv)
+        log.info(
+            "tuned %s on validation: %s (%s %.4f, best of %d)",
+            fitted[next(iter(fitted))].name, best, metric, best_value, len(trials),
+        )  # fmt: skip
     return TuneResult(params=best, score=best_value, trials=trials)
 
 
