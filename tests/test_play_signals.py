@@ -786,3 +786,22 @@ def test_demo_page_sends_the_skip_mark_and_play_times(trained, driver) -> None: 
             at=calls[-1]["at"][0],
         ).ids
         _wait(drv, lambda d: _ids(d, "#recs li") == want)
+
+
+def test_an_ensemble_of_play_signal_towers_reads_the_signals() -> None:
+    """The ensemble's config repeats play_signals / play_clock, so its QuerySpec (what the
+    export, ONNX and the Retriever build inputs from) asks for the per-play inputs."""
+    from twotower.model.ensemble import EnsembleQueryTower
+    from twotower.query import QuerySpec
+
+    members = [_tower(True, seed=s, play_clock=True) for s in (0, 1)]
+    ens = EnsembleQueryTower([m.config for m in members]).eval()
+    spec = QuerySpec.from_config(ens.config)
+    assert spec.play_signals and spec.play_clock
+    plain = EnsembleQueryTower([_tower(False).config]).eval()
+    assert not QuerySpec.from_config(plain.config).play_signals
+    h = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():  # the members really read the skip marks through the ensemble
+        a = ens(QueryBatch(h, skips=torch.tensor([[0, 0, 0]]), gaps=torch.tensor([[1, 3, 3]])))
+        b = ens(QueryBatch(h, skips=torch.tensor([[0, 1, 0]]), gaps=torch.tensor([[1, 3, 3]])))
+    assert not torch.allclose(a, b)

@@ -24,7 +24,9 @@ from twotower.query import QueryBatch
 
 # Keys of every member's config that the ensemble repeats at the top level of its own config,
 # where the export, the ONNX writer and the Retriever read them for any query tower.
-SHARED_KEYS = ("num_items", "max_len", "num_users", "num_contexts", "use_hour")
+SHARED_KEYS = (
+    "num_items", "max_len", "num_users", "num_contexts", "use_hour", "play_signals", "play_clock"
+)  # fmt: skip
 
 
 def temperature_weights(temperatures: Sequence[float]) -> list[float]:
