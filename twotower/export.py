@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -82,8 +82,7 @@ from twotower.model.ensemble import bias_columns
 from twotower.onnx_export import ONNX_TOLERANCE, export_onnx  # noqa: F401
 from twotower.query import (
     CLOCK_FIELDS,
-    UNKNOWN_HOUR,
-    UNKNOWN_WEEKDAY,
+    FIELDS,
     QueryBatch,
     QuerySpec,
     left_pad_last,
@@ -453,42 +452,83 @@ def _query_vectors(
     return np.concatenate(out) if out else np.zeros((0, int(tower.config["dim"])), np.float32)
 
 
+def _latest_per_user(
+    data: Any,
+    window: int,
+    train: dict[str, np.ndarray],
+    keep: np.ndarray,
+    test: dict[str, np.ndarray] | None = None,
+    test_offsets: np.ndarray | None = None,
+    target: dict[str, np.ndarray] | None = None,
+    fill: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Latest ``window`` values of per-play columns for every user index ``2..U-1``.
+
+    A user's latest plays are their test example's plays plus its target (the most recent
+    example) when they have one, else the kept rows of their training sequences in time order.
+    Plays of ids unknown to the model (``history`` below 2) are left out with their columns.
+
+    Args:
+        data: Prepared data (``train`` sequences, ``test`` evaluation set).
+        window: Plays kept per user (the most recent).
+        train: Per training row columns ``[N]``, ``history`` among them.
+        keep: Training rows to use ``[N]`` (e.g. positives only).
+        test: Per test-history-play columns ``[M]`` (same keys), None: no test override.
+        test_offsets: Query offsets into ``test`` ``[Q+1]``.
+        target: Per test query ``[Q]``: the target's value of each column, appended as the
+            latest play when the target is known.
+        fill: Padding value per column (default 0).
+
+    Returns:
+        Each column left-padded to ``[U-2, window]`` int64.
+    """
+    fill = fill or {}
+    tr = data.train
+    user_of = np.repeat(tr.users, tr.lengths)  # [N]
+    rows = np.flatnonzero(keep & (user_of >= 2) & (train["history"] >= 2))
+    order = rows[np.lexsort((tr.timestamps[rows], user_of[rows]))]  # by user, then time
+    counts = np.bincount(user_of[order], minlength=data.num_users)  # [U]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    out = {
+        k: left_pad_last(v[order].astype(np.int64), offsets, window, fill.get(k, 0))
+        for k, v in train.items()
+    }  # [U, window] each
+    te = data.test
+    if len(te) and test is not None and test_offsets is not None and target is not None:
+        has_target = te.targets >= 2  # [Q]
+        q_of = np.repeat(np.arange(len(te)), np.diff(test_offsets))  # [M]
+        q_all = np.concatenate([q_of, np.flatnonzero(has_target)])
+        vals = {
+            k: np.concatenate([v, target[k][has_target]]).astype(np.int64) for k, v in test.items()
+        }  # [M + targets] each
+        pos = np.concatenate([np.arange(len(q_of)), np.full(has_target.sum(), len(q_of))])
+        real = vals["history"] >= 2
+        order = np.flatnonzero(real)[np.lexsort((pos[real], q_all[real]))]  # by query, position
+        t_off = np.concatenate([[0], np.cumsum(np.bincount(q_all[real], minlength=len(te)))])
+        last_row = {int(u): q for q, u in enumerate(te.users) if u >= 2}  # latest example wins
+        users = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
+        latest = np.fromiter(last_row.values(), dtype=np.int64, count=len(last_row))
+        for k, v in vals.items():
+            out[k][users] = left_pad_last(v[order], t_off, window, fill.get(k, 0))[latest]
+    return {k: v[2:] for k, v in out.items()}
+
+
 def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Latest ``window`` positive events of every user index ``2..U-1``: ``[U-2, window]``.
 
-    A user's latest history is their test history plus the test target when they have a test
-    example (the most recent one), else the positive events of their training sequences in
-    time order. Returns the left-padded histories and a mask of users that have any event.
+    See :func:`_latest_per_user` (the positive plays and the history column only). Returns the
+    left-padded histories and a mask of users that have any event.
     """
-    n_users = data.num_users
-    hist = np.zeros((n_users, window), dtype=np.int64)
-    # training sequences: positive events, sorted by (user, timestamp)
-    tr = data.train
-    user_of = np.repeat(tr.users, tr.lengths)
-    keep = tr.positive.astype(bool) & (user_of >= 2)
-    order = np.lexsort((tr.timestamps[keep], user_of[keep]))
-    items = tr.items[keep][order]
-    users_sorted = user_of[keep][order]
-    counts = np.bincount(users_sorted, minlength=n_users)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    hist[:] = left_pad_last(items, offsets, window)
-    # test examples override: known history items + the test target when it is known
-    te = data.test
-    if len(te):
-        q_of = np.repeat(np.arange(len(te)), np.diff(te.offsets))
-        has_target = te.targets >= 2
-        rows = np.concatenate([q_of, np.flatnonzero(has_target)])
-        vals = np.concatenate([te.history, te.targets[has_target]])
-        pos = np.concatenate([np.arange(len(te.history)), np.full(has_target.sum(), len(vals))])
-        keep = vals >= 2
-        order = np.lexsort((pos[keep], rows[keep]))
-        ext_vals = vals[keep][order]
-        ext_off = np.concatenate([[0], np.cumsum(np.bincount(rows[keep], minlength=len(te)))])
-        padded = left_pad_last(ext_vals, ext_off, window)  # [Q, window]
-        last_row = {int(u): q for q, u in enumerate(te.users) if u >= 2}  # latest example wins
-        users_with_test = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
-        hist[users_with_test] = padded[np.fromiter(last_row.values(), np.int64, len(last_row))]
-    hist = hist[2:]
+    tr, te = data.train, data.test
+    hist = _latest_per_user(
+        data,
+        window,
+        {"history": tr.items},
+        tr.positive.astype(bool),
+        {"history": te.history},
+        te.offsets,
+        {"history": te.targets},
+    )["history"]
     return hist, (hist != 0).any(axis=1)
 
 
@@ -497,61 +537,36 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
 
     For towers that read the per-play signals: every play (skipped ones marked), the gap
     bucket of each as in training (:func:`twotower.query.play_gaps` over each training
-    sequence; the evaluation sets' ``plays_gaps``) and the hour of day and weekday of each
-    (:func:`twotower.query.play_clock` of its time). A user's latest plays are their test
-    example's plays plus its target (gap: the test ``request_gaps``) when they have one, else
-    the plays of their training sequences in time order. Plays of ids unknown to the model
-    (OOV) are left out with their signals, as the Retriever does.
+    sequence; the evaluation sets' ``plays_gaps``, the target's being the test
+    ``request_gaps``) and the hour of day and weekday of each (:func:`twotower.query.play_clock`
+    of its time); see :func:`_latest_per_user`.
 
     Returns:
         ``history``, ``skips``, ``gaps``, ``play_hours``, ``play_weekdays``: ``[U-2, window]``
         int64, left-padded with 0 (the clock with -1, unknown).
     """
-    n_users = data.num_users
-    tr = data.train
-    user_of = np.repeat(tr.users, tr.lengths)  # [N]
+    tr, te = data.train, data.test
     first = np.zeros(len(tr.items), dtype=bool)
     first[tr.offsets[:-1][tr.lengths > 0]] = True
-    columns = {
-        "history": tr.items.astype(np.int64),
-        "skips": (~tr.positive.astype(bool)).astype(np.int64),
+    train = {
+        "history": tr.items,
+        "skips": ~tr.positive.astype(bool),
         "gaps": play_gaps(tr.timestamps, first),
         **dict(zip(CLOCK_FIELDS, play_clock(tr.timestamps), strict=True)),
     }
-    fill = {"play_hours": UNKNOWN_HOUR, "play_weekdays": UNKNOWN_WEEKDAY}  # padding, else 0
-    keep = (user_of >= 2) & (columns["history"] >= 2)
-    rows = np.flatnonzero(keep)
-    order = rows[np.lexsort((rows, tr.timestamps[rows], user_of[rows]))]  # by user, time
-    counts = np.bincount(user_of[order], minlength=n_users)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    out = {k: left_pad_last(v[order], offsets, window, fill.get(k, 0)) for k, v in columns.items()}
-    te = data.test
-    if len(te) and te.plays is not None:
-        q_of = np.repeat(np.arange(len(te)), np.diff(te.plays_offsets))
-        has_target = te.targets >= 2
-        vals = np.concatenate([te.plays, te.targets[has_target]]).astype(np.int64)
-        test_cols = {
-            "history": vals,
-            "skips": np.concatenate([te.plays_skipped, np.zeros(has_target.sum())]),
-            "gaps": np.concatenate([te.plays_gaps, te.request_gaps[has_target]]),
-        }
-        if te.plays_timestamps is not None and te.target_timestamps is not None:
-            times = np.concatenate([te.plays_timestamps, te.target_timestamps[has_target]])
-            test_cols.update(zip(CLOCK_FIELDS, play_clock(times), strict=True))
-        else:  # an evaluation set without play times: the clock unknown
-            test_cols.update({k: np.full(len(vals), fill[k]) for k in CLOCK_FIELDS})
-        q_all = np.concatenate([q_of, np.flatnonzero(has_target)])
-        pos = np.concatenate([np.arange(len(te.plays)), np.full(has_target.sum(), len(vals))])
-        keep = vals >= 2
-        order = np.flatnonzero(keep)[np.lexsort((pos[keep], q_all[keep]))]
-        t_off = np.concatenate([[0], np.cumsum(np.bincount(q_all[keep], minlength=len(te)))])
-        last_row = {int(u): q for q, u in enumerate(te.users) if u >= 2}  # latest example wins
-        users_with_test = np.fromiter(last_row.keys(), dtype=np.int64, count=len(last_row))
-        latest = np.fromiter(last_row.values(), np.int64, len(last_row))
-        for k, v in test_cols.items():
-            padded = left_pad_last(v[order].astype(np.int64), t_off, window, fill.get(k, 0))
-            out[k][users_with_test] = padded[latest]
-    return {k: v[2:] for k, v in out.items()}
+    fill = {f.name: f.unknown for f in FIELDS if f.name in CLOCK_FIELDS}  # -1: unknown
+    if te.plays is None:  # an evaluation set without plays: training plays only
+        return _latest_per_user(data, window, train, np.ones(len(tr.items), bool), fill=fill)
+    test = {"history": te.plays, "skips": te.plays_skipped, "gaps": te.plays_gaps}
+    target = {"history": te.targets, "skips": np.zeros(len(te)), "gaps": te.request_gaps}
+    if te.plays_timestamps is not None and te.target_timestamps is not None:
+        test.update(zip(CLOCK_FIELDS, play_clock(te.plays_timestamps), strict=True))
+        target.update(zip(CLOCK_FIELDS, play_clock(te.target_timestamps), strict=True))
+    else:  # an evaluation set without play times: the clock unknown
+        test.update({k: np.full(len(te.plays), fill[k]) for k in CLOCK_FIELDS})
+        target.update({k: np.full(len(te), fill[k]) for k in CLOCK_FIELDS})
+    train_keep = np.ones(len(tr.items), dtype=bool)
+    return _latest_per_user(data, window, train, train_keep, test, te.plays_offsets, target, fill)
 
 
 def _holdout_frame(
