@@ -206,7 +206,8 @@ def summary(results: list[tuple[Dataset, Any]]) -> str:
         "|---|---|---|---|",
     ]
     for ds, table in results:
-        p = table.paired
+        # the single model's row, also when --seeds N puts an ensemble row first
+        p = next((q for q in table.paired_all if q["model"] == "two-tower (ours)"), None)
         rows = {r.name: r for r in table.rows}
         if p is None:
             continue
