@@ -87,7 +87,6 @@ from twotower.query import (
     QuerySpec,
     left_pad_last,
     play_clock,
-    play_gaps,
 )
 
 log = logging.getLogger("twotower")
@@ -536,22 +535,20 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
     """Latest ``window`` plays of every user index ``2..U-1`` with their per-play signals.
 
     For towers that read the per-play signals: every play (skipped ones marked), the gap
-    bucket of each as in training (:func:`twotower.query.play_gaps` over each training
-    sequence; the evaluation sets' ``plays_gaps``, the target's being the test
-    ``request_gaps``) and the hour of day and weekday of each (:func:`twotower.query.play_clock`
-    of its time); see :func:`_latest_per_user`.
+    bucket of each as in training (``Sequences.play_gaps`` over each training sequence; the
+    evaluation sets' ``plays_gaps``, the target's being the test ``request_gaps``) and the hour
+    of day and weekday of each (:func:`twotower.query.play_clock` of its time); see
+    :func:`_latest_per_user`.
 
     Returns:
         ``history``, ``skips``, ``gaps``, ``play_hours``, ``play_weekdays``: ``[U-2, window]``
         int64, left-padded with 0 (the clock with -1, unknown).
     """
     tr, te = data.train, data.test
-    first = np.zeros(len(tr.items), dtype=bool)
-    first[tr.offsets[:-1][tr.lengths > 0]] = True
     train = {
         "history": tr.items,
         "skips": ~tr.positive.astype(bool),
-        "gaps": play_gaps(tr.timestamps, first),
+        "gaps": tr.play_gaps(),  # as the training windows read them
         **dict(zip(CLOCK_FIELDS, play_clock(tr.timestamps), strict=True)),
     }
     fill = {f.name: f.unknown for f in FIELDS if f.name in CLOCK_FIELDS}  # -1: unknown

@@ -1,9 +1,9 @@
 """ONNX export of the query tower, checked against PyTorch with ``onnxruntime``.
 
 Used by :mod:`twotower.export` (``export.py --onnx``): the exported graph takes the history ids
-(and user / hour / context, and the per-play ``skips`` / ``gaps`` / ``request_gaps`` when the
-tower reads them: exactly the inputs ``manifest.json`` ``query_tower.inputs`` describes) and
-returns the L2-normalised query vector.
+(and user / hour / context, the per-play ``skips`` / ``gaps`` / ``request_gaps`` and the play
+clock ``play_hours`` / ``play_weekdays`` when the tower reads them: exactly the inputs
+``manifest.json`` ``query_tower.inputs`` describes) and returns the L2-normalised query vector.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def export_onnx(tower: nn.Module, path: Path, history_len: int) -> dict[str, Any
     wrapper = OnnxQuery(tower, inputs).eval()
     example = example_query_inputs(tower.config, 4, history_len)
     spec = QuerySpec.from_config(tower.config)
-    # every [batch, length] input (history, and the per-play skips and gaps) has both axes free
+    # every [batch, length] input (history, the per-play signals and clock) has both axes free
     dynamic = {f.name: {0: "batch", 1: "length"} if "length" in f.shape else {0: "batch"}
                for f in spec.inputs}  # fmt: skip
     dynamic["query_emb"] = {0: "batch"}

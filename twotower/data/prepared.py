@@ -20,6 +20,7 @@ import pandas as pd
 
 from twotower.data.report import DataReport
 from twotower.ids import Vocab
+from twotower.query import play_gaps
 
 # 2: evaluation sets carry every play with its per-play signals; 3: and its time (the clock)
 CACHE_FORMAT = 3
@@ -60,6 +61,16 @@ class Sequences:
     def lengths(self) -> np.ndarray:
         """Events per sequence, ``[S]``."""
         return np.diff(self.offsets)
+
+    def play_gaps(self) -> np.ndarray:
+        """Gap bucket of every event since the previous one of its sequence, ``[N]`` int64.
+
+        The first event of each sequence gets ``GAP_FIRST`` (see
+        :func:`twotower.query.play_gaps`): what training windows and listener vectors read.
+        """
+        starts = np.zeros(len(self.items), dtype=bool)  # [N]
+        starts[self.offsets[:-1][self.lengths > 0]] = True
+        return play_gaps(self.timestamps, starts)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from twotower.data.prepared import Sequences
-from twotower.query import UNKNOWN_HOUR, UNKNOWN_WEEKDAY, play_clock, play_gaps
+from twotower.query import UNKNOWN_HOUR, UNKNOWN_WEEKDAY, play_clock
 
 
 def build_windows(
@@ -68,13 +68,11 @@ def build_windows(
         "users": seqs.users[w_seq].astype(np.int64),
     }
     if play_signals:
-        first = np.zeros(len(seqs.items), dtype=bool)
-        first[seqs.offsets[:-1][seqs.lengths > 0]] = True
-        gaps = play_gaps(seqs.timestamps, first)
+        gaps = seqs.play_gaps()  # [N]
         out["skips"] = np.where(real, ~seqs.positive[src], False).astype(np.int64)
         out["gaps"] = np.where(real, gaps[src], 0).astype(np.int64)
         if clock:
-            hours, weekdays = play_clock(seqs.timestamps)  # [N] each, -1 unknown
-            out["play_hours"] = np.where(real, hours[src], UNKNOWN_HOUR)  # [W, L+1]
-            out["play_weekdays"] = np.where(real, weekdays[src], UNKNOWN_WEEKDAY)  # [W, L+1]
+            p_hours, p_weekdays = play_clock(seqs.timestamps)  # [N] each, -1 unknown
+            out["play_hours"] = np.where(real, p_hours[src], UNKNOWN_HOUR)  # [W, L+1]
+            out["play_weekdays"] = np.where(real, p_weekdays[src], UNKNOWN_WEEKDAY)  # [W, L+1]
     return out
