@@ -89,7 +89,7 @@ def make_prepared(
         item_vocab=Vocab(ids),
         user_vocab=Vocab([]),
         context_vocab=Vocab([]),
-        train=seqs,
+        train_sequences=seqs,
         valid=make_eval(valid),
         test=make_eval(test),
         item_counts=np.bincount(items[positive], minlength=v).astype(np.int64),

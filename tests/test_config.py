@@ -75,7 +75,7 @@ def test_data_options_are_typed_by_the_datamodule_signature(tmp_path):
     ns = parse_config([TINY], {"data.max_history": "5", "model.dim": 128, "path": "/x"})
     assert ns.model.dim == 128
     cls, init = data_section(ns)
-    assert cls == "twotower.data.datamodule.SessionDataModule"
+    assert cls == "twotower.data.datamodule.TwoTowerDataModule"
     assert init["max_history"] == 5 and init["window"] == 20 and init["path"] == "/x"
     cfg = data_config(ns)
     assert cfg.options == {"preset": "tiny"} and cfg.max_history == 5
@@ -111,7 +111,7 @@ def test_drift_batch_from_the_reference_data_and_data_keys():
 def test_unknown_keys_are_refused_by_name_and_place(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  sesion_gap: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'data.sesion_gap'; Session"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'data.sesion_gap'; TwoTowerDataModule takes"):
         parse_config([bad])
     with pytest.raises(ConfigError, match=r"command line: unknown key 'model.dimm'; keys of"):
         parse_config([TINY], {"model.dimm": 3})
@@ -119,9 +119,9 @@ def test_unknown_keys_are_refused_by_name_and_place(tmp_path):
     top.write_text("modle:\n  dim: 3\n")
     with pytest.raises(ConfigError, match=r"top.yaml: unknown key 'modle.dim'; sections"):
         parse_config([top])
-    # the DataModule the config names decides: the streaming module has no batch_size
-    with pytest.raises(ConfigError, match="unknown key 'data.batch_size'; StreamingSession"):
-        parse_config([REPO / "configs" / "streaming.yaml"], {"data.batch_size": 8})
+    # an option of the former streaming DataModule is named as unknown, with what exists
+    with pytest.raises(ConfigError, match="unknown key 'data.chunk_rows'; TwoTowerDataModule"):
+        parse_config([REPO / "configs" / "streaming.yaml"], {"data.chunk_rows": 8})
     with pytest.raises(ConfigError, match=r"command line: invalid value of 'data.max_history'"):
         parse_config([TINY], {"data.max_history": "many"})
     with pytest.raises(FileNotFoundError):
@@ -236,6 +236,9 @@ def test_fit_help_lists_the_data_options(capsys):
         "--data.window_stride",
         "--data.max_history",
         "--data.num_buckets",
+        "--data.streaming",
+        "--data.prepared",
+        "--data.shuffle_blocks",
     ):
         assert option in text
 

@@ -77,7 +77,7 @@ def ann_artifact(trained) -> Path:
 @pytest.fixture(scope="session")
 def reference(trained) -> dict:
     """The checkpoint's own towers and test queries, for exact search without the artifact."""
-    from twotower.data.datamodule import SessionDataModule, left_pad_last
+    from twotower.data.datamodule import TwoTowerDataModule, left_pad_last
     from twotower.model.module import TwoTowerModule
 
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
@@ -85,7 +85,7 @@ def reference(trained) -> dict:
         trained["ckpt"], map_location="cpu", weights_only=True
     ).eval()
     dm_hp = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if k[0] != "_"}
-    data = SessionDataModule(**dm_hp).data
+    data = TwoTowerDataModule(**dm_hp).data
     te = data.test
     window = dm_hp["window"]
     with torch.no_grad():

@@ -105,27 +105,44 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, cache_dir) -> dict[str, float]:
-    """Metrics of the uninterrupted run."""
+# streamed from the prepared Parquet blocks, several blocks, two blocks per shuffle buffer
+STREAMED = {"data.streaming": True, "data.block_rows": 400, "data.shuffle_blocks": 2}
+
+
+def _straight(tmp_path_factory, cache_dir: Path, extra: dict) -> dict[str, float]:
     from twotower.train import fit
 
     work = tmp_path_factory.mktemp("straight")
     old = os.getcwd()
     os.chdir(work)
     try:
-        trainer, _, _ = fit([TINY], {**RUN, "data.cache_dir": str(cache_dir)})
+        trainer, _, _ = fit([TINY], {**RUN, **extra, "data.cache_dir": str(cache_dir)})
     finally:
         os.chdir(old)
     assert trainer.global_step == STEPS
     return _metrics(trainer)
 
 
-def _resume(work: Path, cache_dir: Path, monkeypatch) -> tuple[object, dict[str, float]]:
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_dir) -> dict[str, float]:
+    """Metrics of the uninterrupted run."""
+    return _straight(tmp_path_factory, cache_dir, {})
+
+
+@pytest.fixture(scope="module")
+def straight_streamed(tmp_path_factory, cache_dir) -> dict[str, float]:
+    """Metrics of the uninterrupted streamed run."""
+    return _straight(tmp_path_factory, cache_dir, STREAMED)
+
+
+def _resume(
+    work: Path, cache_dir: Path, monkeypatch, extra: dict | None = None
+) -> tuple[object, dict[str, float]]:
     from twotower.train import fit
 
     monkeypatch.chdir(work)
-    trainer, _, _ = fit([TINY], {**RUN, "data.cache_dir": str(cache_dir)}, ckpt_path="last")
+    overrides = {**RUN, **(extra or {}), "data.cache_dir": str(cache_dir)}
+    trainer, _, _ = fit([TINY], overrides, ckpt_path="last")
     return trainer, _metrics(trainer)
 
 
@@ -137,11 +154,16 @@ def _assert_same(a: dict[str, float], b: dict[str, float]) -> None:
 
 # ------------------------------------------------------------------------------ training kills
 @pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True], ids=["in-memory", "streamed"])
 def test_sigkill_mid_epoch_then_resume_last_matches_straight_run(
-    tmp_path, cache_dir, straight, monkeypatch
+    tmp_path, cache_dir, streamed, request, monkeypatch
 ) -> None:
+    extra = STREAMED if streamed else {}
+    expected = request.getfixturevalue("straight_streamed" if streamed else "straight")
     res = _run_victim(
-        tmp_path, {**RUN, "data.cache_dir": str(cache_dir)}, TT_KILL_AFTER_STEP=str(KILL_AT)
+        tmp_path,
+        {**RUN, **extra, "data.cache_dir": str(cache_dir)},
+        TT_KILL_AFTER_STEP=str(KILL_AT),
     )
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     last = tmp_path / "runs" / "twotower" / "version_0" / "checkpoints" / "last.ckpt"
@@ -149,11 +171,14 @@ def test_sigkill_mid_epoch_then_resume_last_matches_straight_run(
     assert (ckpt["global_step"], ckpt["epoch"]) == (16, 1)  # mid-epoch: 4 of 12 batches done
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches": 4}]
 
-    trainer, metrics = _resume(tmp_path, cache_dir, monkeypatch)
+    trainer, metrics = _resume(tmp_path, cache_dir, monkeypatch, extra)
     assert trainer.global_step == STEPS and trainer.current_epoch == 2
     # resumed in place: the run's own folder, not a fresh version_1 that starts from scratch
     assert sorted(p.name for p in (tmp_path / "runs" / "twotower").iterdir()) == ["version_0"]
-    _assert_same(metrics, straight)
+    _assert_same(metrics, expected)
+    if streamed:  # the streamed run is its own: another order than the in-memory one
+        assert trainer.datamodule.data.train_sequences is None  # plays never loaded whole
+        assert len(trainer.datamodule.data.blocks) > 2
 
 
 @pytest.mark.slow
@@ -553,7 +578,8 @@ def tiny_cfg(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "victim", ["train.npz", "features.npz", "vocabs.json", "tracks.parquet", "meta.json"]
+    "victim",
+    ["plays/part-00000.parquet", "items.parquet", "valid.parquet", "test.parquet", "header.json"],
 )
 def test_truncated_cache_file_is_detected_and_rebuilt(tiny_cfg, victim, caplog) -> None:
     from twotower.data.pipeline import cache_path, prepare_data
@@ -570,7 +596,7 @@ def test_truncated_cache_file_is_detected_and_rebuilt(tiny_cfg, victim, caplog) 
     caplog.clear()
     with caplog.at_level("INFO", logger="twotower"):
         prepare_data(tiny_cfg)  # the rebuilt cache is whole again
-    assert "cache hit" in caplog.text
+    assert "prepared data found" in caplog.text
 
 
 def test_disk_full_while_caching_keeps_other_results(tiny_cfg, monkeypatch) -> None:
@@ -581,16 +607,16 @@ def test_disk_full_while_caching_keeps_other_results(tiny_cfg, monkeypatch) -> N
 
     prepare_data(tiny_cfg)
     kept = cache_path(tiny_cfg)
-    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
     other = dataclasses.replace(tiny_cfg, seed=1)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(prepared_mod.np, "savez", full)
+    monkeypatch.setattr(prepared_mod.pq, "ParquetWriter", full)
     with pytest.raises(OSError, match="No space left"):
         prepare_data(other)
     monkeypatch.undo()
     assert not cache_path(other).exists()
     assert [p.name for p in kept.parent.iterdir()] == [kept.name]  # no half-written folder
-    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before

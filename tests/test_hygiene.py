@@ -8,15 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from twotower.data.pipeline import COLD_TARGET_REASON, DataConfig, prepare_data
 from twotower.data.report import MIN_EVAL_QUERIES, DataReport
 from twotower.data.sessions import events_from_frame, kcore, kcore_keep, sessionize_events
 from twotower.data.splits import NO_HISTORY_REASON, TEST, TRAIN, VALID, split_events
-from twotower.data.stream_scan import holdout_roles, resolve_layout, scan
 from twotower.model.loss import RetrievalLoss, resolve_full_softmax
 
 DAY = 86_400
@@ -143,21 +140,6 @@ def test_split_events_holds_out_targets_left_without_history():
     b = roles[ev2.user == ev2.user[-1]]
     assert b.tolist() == [TRAIN, TRAIN, 3, TEST]
     assert (roles == VALID).sum() == 1 and len(seq) == len(ev2) == 9
-
-
-# --------------------------------------------------------------------------- streaming
-def test_streaming_min_count_counts_training_listeners_only(tmp_path):
-    users = [f"u{i}" for i in range(200)]
-    roles = holdout_roles(users, 0.1, 0.1)
-    held = [u for u, r in zip(users, roles, strict=True) if r == TEST][:3]
-    train = [u for u, r in zip(users, roles, strict=True) if r == 0][:5]
-    rows = [(u, t, JAN + i) for u in train for i, t in enumerate("abcabc")]
-    rows += [(u, "hot", JAN + i) for u in held for i in range(10)]
-    df = pd.DataFrame(rows, columns=["user_id", "track_id", "timestamp"])
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "p.parquet")
-    layout, _ = resolve_layout(tmp_path / "p.parquet", None, "user", 30.0, 0.1, 0.1)
-    res = scan(tmp_path / "p.parquet", layout, window=5, min_count=2)
-    assert sorted(res.item_vocab.ids) == ["a", "b", "c"]  # 30 held-out plays do not count
 
 
 # --------------------------------------------------------------------------- small test sets

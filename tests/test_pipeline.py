@@ -282,7 +282,7 @@ def test_cache_hit_miss_invalidation_and_corrupt_rebuild(tmp_path, csv_source, c
     assert csv_source["n"] == 1
     second = prepare_data(cfg)
     assert csv_source["n"] == 1  # hit
-    assert "data cache hit" in caplog.text
+    assert "prepared data found" in caplog.text
     np.testing.assert_array_equal(first.train.items, second.train.items)
     assert second.item_vocab == first.item_vocab
     assert second.report.to_dict() == first.report.to_dict()
@@ -299,8 +299,8 @@ def test_cache_hit_miss_invalidation_and_corrupt_rebuild(tmp_path, csv_source, c
 
     # truncated cache -> warning, rebuilt, never trusted
     folder = cache_path(cfg)
-    npz = folder / "train.npz"
-    npz.write_bytes(npz.read_bytes()[:100])
+    shard = folder / "plays" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:100])
     caplog.clear()
     rebuilt = prepare_data(cfg)
     assert csv_source["n"] == 4
@@ -310,7 +310,7 @@ def test_cache_hit_miss_invalidation_and_corrupt_rebuild(tmp_path, csv_source, c
     prepare_data(cfg)
     assert csv_source["n"] == 4  # the rebuilt cache is good again
     # garbage metadata also rebuilds
-    (folder / "meta.json").write_text("{not json")
+    (folder / "header.json").write_text("{not json")
     prepare_data(cfg)
     assert csv_source["n"] == 5
 
@@ -341,7 +341,7 @@ def test_load_data_config_flat_class_path_and_overrides(tmp_path):
     )
     b = tmp_path / "b.yaml"
     b.write_text(
-        "data:\n  class_path: twotower.data.datamodule.SessionDataModule\n"
+        "data:\n  class_path: twotower.data.datamodule.TwoTowerDataModule\n"
         "  init_args:\n    kcore: 5\n    split: time\n    val_cutoff: 2020-01-01\n"
         "    test_cutoff: 2020-02-01\n    filter_seen: no\n    num_workers: 2\n"
     )

@@ -248,10 +248,10 @@ def test_training_feeds_the_clock_of_each_input_play() -> None:
 
 
 def test_data_play_clock_needs_play_signals() -> None:
-    from twotower.data.datamodule import SessionDataModule
+    from twotower.data.datamodule import TwoTowerDataModule
 
     with pytest.raises(ValueError, match="play_clock needs data.play_signals"):
-        SessionDataModule(format="synthetic", play_clock=True)
+        TwoTowerDataModule(format="synthetic", play_clock=True)
 
 
 # -------------------------------------------------------------- a hand-built artifact

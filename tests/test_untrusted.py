@@ -153,21 +153,31 @@ def test_artifact_loaders_refuse_the_payload(tmp_path, marker, victim) -> None:
         create_app(art)
 
 
-def test_poisoned_data_cache_is_rebuilt_not_unpickled(tmp_path, marker, caplog) -> None:
+def test_tampered_data_cache_is_rebuilt_never_trusted(tmp_path, caplog) -> None:
+    """A prepared folder is Parquet and JSON only (nothing that can unpickle); a shard rewritten
+    with its checksum updated but the wrong column types is refused and rebuilt."""
     import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from twotower.data.pipeline import DataConfig, cache_path, prepare_data
 
     cfg = DataConfig(format="synthetic", options={"preset": "tiny"}, cache_dir=str(tmp_path / "c"))
     clean = prepare_data(cfg)
     folder = cache_path(cfg)
-    with np.load(folder / "train.npz", allow_pickle=False) as z:
-        arrays = dict(z)
-    arrays["items"] = np.array([Payload(marker)], dtype=object)
-    np.savez(folder / "train.npz", **arrays)  # pickles the object array
-    meta = json.loads((folder / "meta.json").read_text())
-    meta["sha256"]["train.npz"] = hashlib.sha256((folder / "train.npz").read_bytes()).hexdigest()
-    (folder / "meta.json").write_text(json.dumps(meta))
+    kinds = {p.suffix for p in folder.rglob("*") if p.is_file()}
+    assert kinds == {".parquet", ".json"}
+    shard = folder / "plays" / "part-00000.parquet"
+    t = pq.read_table(shard)
+    t = t.set_column(t.column_names.index("item"), "item", pa.array(["x"] * len(t)))
+    pq.write_table(t, shard)
+    header = json.loads((folder / "header.json").read_text())
+    header["files"]["plays/part-00000.parquet"] = {
+        "bytes": shard.stat().st_size,
+        "sha256": hashlib.sha256(shard.read_bytes()).hexdigest(),
+    }
+    (folder / "header.json").write_text(json.dumps(header))
     with caplog.at_level("WARNING", logger="twotower"):
         again = prepare_data(cfg)
     assert "unusable, rebuilding" in caplog.text

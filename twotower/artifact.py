@@ -26,7 +26,6 @@ FORMAT_MAJOR = 1
 #: reader still serves them safely: it looks ids up in ``vocab.json``, which maps every
 #: bucket's most played raw id (others are reported unknown, never mis-mapped).
 HASHED_FORMAT_VERSION = "1.1"
-STREAMING_DATAMODULE = "twotower.data.stream_module.StreamingSessionDataModule"
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("index.faiss", "items.parquet", "item_embeddings.npy", "vocab.json")
 QUERY_TOWER_FILE = "query_tower.pt"

@@ -686,14 +686,20 @@ def compare_runs(
     if side_a.name == side_b.name:
         side_a.name, side_b.name = f"A:{side_a.name}", f"B:{side_b.name}"
     notes = []
-    if data_config:
-        cfg = load_data_config([str(p) for p in data_config], overrides)
+    if not data_config and not overrides and (side_a.data_config or {}).get("prepared"):
+        from twotower.data.datamodule import datamodule_from_hparams
+
+        # a prepared folder (another engine's, say): its evaluation cases, plays left on disk
+        data = datamodule_from_hparams({**(side_a.data_config or {}), "streaming": True}).data
     else:
-        cfg = data_config_of(side_a)
-        if overrides:
-            cfg = data_config_with(cfg, overrides)
-            notes.append(f"queries from A's data with {', '.join(overrides)}")
-    data = prepare_data(cfg)
+        if data_config:
+            cfg = load_data_config([str(p) for p in data_config], overrides)
+        else:
+            cfg = data_config_of(side_a)
+            if overrides:
+                cfg = data_config_with(cfg, overrides)
+                notes.append(f"queries from A's data with {', '.join(overrides)}")
+        data = prepare_data(cfg, in_memory=cfg.cache_dir is None)  # the cases, not the plays
     if data_config:
         notes.append(f"queries from --data-config {', '.join(str(p) for p in data_config)}")
     elif side_b.fingerprint and side_b.fingerprint != side_a.fingerprint:

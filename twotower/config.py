@@ -5,7 +5,7 @@
 ``--data.path P``, ``--model.dim 128`` or ``--trainer.default_root_dir D`` with the parser that
 ``LightningCLI`` builds for :class:`~twotower.train.TwoTowerCLI` (jsonargparse). The data
 options are therefore validated against the typed ``__init__`` of the DataModule the config
-names (``data.class_path``, default :class:`~twotower.data.datamodule.SessionDataModule`), the
+names (``data.class_path``, default :class:`~twotower.data.datamodule.TwoTowerDataModule`), the
 model options against :class:`~twotower.model.module.TwoTowerModule`, the trainer options
 against ``Trainer``; an unknown key is refused with a message that names it (and the file it
 is in).
@@ -50,7 +50,7 @@ CONFIG_SECTIONS = (
 #: The command-line options that alias ``--config``.
 CONFIG_FLAGS = ("--config", "--data-config")
 #: The DataModule a config gets when it does not name one.
-DEFAULT_DATAMODULE = "twotower.data.datamodule.SessionDataModule"
+DEFAULT_DATAMODULE = "twotower.data.datamodule.TwoTowerDataModule"
 _DATA_FIELDS = tuple(f.name for f in fields(DataConfig))
 
 

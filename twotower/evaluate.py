@@ -493,7 +493,7 @@ def evaluate_checkpoint(
     (``twotower evaluate --data.path P``: the same data moved elsewhere).
 
     The checkpoint is read with ``weights_only=True`` (no pickle); its
-    ``datamodule_hyper_parameters`` rebuild the :class:`SessionDataModule`, whose cached
+    ``datamodule_hyper_parameters`` rebuild the :class:`TwoTowerDataModule`, whose cached
     :class:`PreparedData` gives the split. Several checkpoints (same data) are evaluated as one
     ensemble model (:class:`~twotower.model.ensemble.EnsembleModel`, as ``export.py`` would
     serve them); the data come from the first.
@@ -502,7 +502,7 @@ def evaluate_checkpoint(
         FileNotFoundError: No such checkpoint.
         ValueError: The checkpoint lacks the data-module hyper-parameters.
     """
-    from twotower.data.datamodule import SessionDataModule
+    from twotower.data.datamodule import TwoTowerDataModule
     from twotower.model.module import TwoTowerModule
 
     paths = (
@@ -522,10 +522,10 @@ def evaluate_checkpoint(
         raise ValueError(
             f"{path}: no 'datamodule_hyper_parameters' (was it written by twotower's train.py?)"
         )
-    dm_args = _init_kwargs(SessionDataModule, dict(dm_hparams))
+    dm_args = _init_kwargs(TwoTowerDataModule, dict(dm_hparams))
     if data_args is not None:
         dm_args = data_args(dm_args)
-    datamodule = SessionDataModule(**dm_args)
+    datamodule = TwoTowerDataModule(**dm_args)
     data = datamodule.data if getattr(datamodule, "data", None) is not None else None
     if data is None:
         datamodule.prepare_data()
@@ -628,20 +628,15 @@ def write_split_recommendations(
     Raises:
         ArtifactError: The export does not record its data, or the data changed since.
     """
-    from twotower.artifact import STREAMING_DATAMODULE, ArtifactError
-    from twotower.data.pipeline import DataConfig, prepare_data
+    from twotower.artifact import ArtifactError
+    from twotower.data.datamodule import datamodule_from_hparams
 
     data_info = retriever.manifest.get("data") or {}
     dm_hp = data_info.get("datamodule")
     if not dm_hp:
         raise ArtifactError(f"{retriever.path}: the manifest records no data configuration")
-    if data_info.get("datamodule_class") == STREAMING_DATAMODULE:
-        raise ArtifactError(
-            f"{retriever.path}: split recommendations are not supported for a model trained "
-            "from a stream (use holdout.parquet, or Retriever.recommend_batch on your queries)"
-        )
-    fields = DataConfig.__dataclass_fields__
-    data = prepare_data(DataConfig(**{k_: v for k_, v in dm_hp.items() if k_ in fields}))
+    on_disk = dm_hp.get("prepared") or dm_hp.get("cache_dir", ".cache/twotower")
+    data = datamodule_from_hparams({**dm_hp, "streaming": bool(on_disk)}).data  # cases only
     if data.fingerprint != data_info.get("fingerprint"):
         raise ArtifactError(
             f"{retriever.path}: the data changed since export (fingerprint "
@@ -682,7 +677,7 @@ def write_split_recommendations(
     )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out, index=False)
-    return len(query)
+    return len(ev)  # queries (the table has up to k rows each)
 
 
 def split_out_main(args: argparse.Namespace) -> int:

@@ -62,7 +62,6 @@ from twotower.artifact import (  # noqa: F401  (the reader side is re-exported h
     ONNX_FILE,
     QUERY_TOWER_FILE,
     REQUIRED_FILES,
-    STREAMING_DATAMODULE,
     TUNE_QUERIES,
     ArtifactError,
     load_query_tower,
@@ -604,27 +603,13 @@ def _init_kwargs(cls: type, hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in dict(hparams).items() if k in params and k != "self"}
 
 
-def is_streaming_checkpoint(dm_hparams: dict[str, Any]) -> bool:
-    """Whether ``datamodule_hyper_parameters`` come from a ``StreamingSessionDataModule``.
+def _hashed_catalogue(data: Any, raw_ids: bool) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
+    """Items table, track id per item index ``2..`` and manifest ``item_vocab`` of hashed ids.
 
-    LightningCLI records ``_class_path``; without it the streaming-only ``batch_rows`` decides.
-    """
-    cls = str(dm_hparams.get("_class_path") or "")
-    if cls:
-        return cls.rsplit(".", 1)[-1] == STREAMING_DATAMODULE.rsplit(".", 1)[-1]
-    return "batch_rows" in dm_hparams and "path" in dm_hparams
-
-
-def _streaming_catalogue(
-    dm: Any, data: Any, raw_ids: bool
-) -> tuple[pd.DataFrame, list[str], dict[str, Any]]:
-    """Items table, track id per item index ``2..`` and manifest ``item_vocab`` of streamed data.
-
-    Exact vocabulary: the raw ids (what the checkpoint stores too). Hashed: one row per bucket;
-    with ``raw_ids`` one more streaming pass (:func:`~twotower.data.stream_module.
-    track_catalogue`) names every bucket by its most played raw training id and lists all of
-    them in ``raw_ids``; without it (or for a bucket no training track hashed into) the id is
-    the label ``bucket#i`` (item index ``i + 2``).
+    One row per bucket; with ``raw_ids`` each bucket is named by its most played raw training
+    id and lists all of them in ``raw_ids`` (the prepared data's catalogue); without it (or for
+    a bucket no training track hashed into) the id is the label ``bucket#i`` (item index
+    ``i + 2``).
     """
     counts = np.asarray(data.item_counts[2:], dtype=np.int64)
     hashed = getattr(data.item_vocab, "vocab", None)
@@ -635,7 +620,7 @@ def _streaming_catalogue(
     labels = [str(t) for t in data.item_vocab.ids]  # bucket#i
     ids = list(labels)
     raw = [[] for _ in labels]
-    cat = dm.track_catalogue() if raw_ids else None
+    cat = data.catalogue if raw_ids else None
     if cat is not None and len(cat):
         rows = cat["index"].to_numpy() - 2
         for r, t in zip(rows.tolist(), cat["track_id"].tolist(), strict=True):
@@ -695,7 +680,7 @@ def export_checkpoint(
 
     Args:
         checkpoint: Lightning checkpoint of a ``TwoTowerModule`` trained with a
-            ``SessionDataModule`` or a ``StreamingSessionDataModule``; or a list of them
+            ``TwoTowerDataModule`` or a ``StreamingSessionDataModule``; or a list of them
             (an ensemble; same data, same query inputs).
         out: Artifact folder (replaced atomically).
         index: ``"auto"``, ``"Flat"``, ``"HNSW32"``, ``"IVF4096,PQ32"``, ... (FAISS factory).
@@ -717,7 +702,7 @@ def export_checkpoint(
     """
     from tqdm.auto import tqdm
 
-    from twotower.data.datamodule import SessionDataModule
+    from twotower.data.datamodule import TwoTowerDataModule
     from twotower.model.module import TwoTowerModule
 
     members = [str(checkpoint)] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
@@ -726,20 +711,7 @@ def export_checkpoint(
     checkpoint = members[0]
     ckpt = _training_checkpoint(checkpoint)
     hp = _init_kwargs(TwoTowerModule, ckpt["hyper_parameters"])
-    streaming = is_streaming_checkpoint(dict(ckpt["datamodule_hyper_parameters"]))
-    if streaming and len(members) > 1:
-        raise ValueError(f"{checkpoint}: streamed models export alone, not as an ensemble")
-    if streaming:
-        from twotower.data.stream_module import StreamingSessionDataModule
-
-        dm_cls: type = StreamingSessionDataModule
-        if users:
-            raise ValueError(
-                f"{checkpoint}: --users is not supported for a streamed model (the streaming "
-                "DataModule keeps no per-listener history)"
-            )
-    else:
-        dm_cls = SessionDataModule
+    dm_cls = TwoTowerDataModule
     dm_hp = _init_kwargs(dm_cls, ckpt["datamodule_hyper_parameters"])
     module = _module_of(ckpt)
     dev = resolve_device(device)
@@ -825,17 +797,8 @@ def export_checkpoint(
             )
 
     vocab_entry: dict[str, Any] = {"kind": "exact"}
-    if streaming:
-        items, track_ids, vocab_entry = _streaming_catalogue(dm, data, raw_ids)
-        trained_ids = module.data_info.get("item_vocab")
-        if vocab_entry["kind"] == "exact" and trained_ids and list(trained_ids) != track_ids:
-            raise ArtifactError(
-                f"{checkpoint}: the streaming pass gave another track vocabulary than the "
-                "one stored at training time; export needs the training data"
-            )
-        items.insert(1, "title", pd.Series(pd.NA, index=items.index, dtype="string"))
-        items.insert(2, "artist", pd.Series(pd.NA, index=items.index, dtype="string"))
-        split = "held-out listeners" if not dm_hp.get("val_path") else "val_path"
+    if getattr(data.item_vocab, "vocab", None) is not None:  # hashed: one row per bucket
+        items, track_ids, vocab_entry = _hashed_catalogue(data, raw_ids)
     else:
         track_ids = list(data.item_vocab.ids)
         tracks = data.tracks.iloc[2:].reset_index(drop=True)
@@ -847,7 +810,7 @@ def export_checkpoint(
                 "plays": data.item_counts[2:].astype(np.int64),
             }
         )
-        split = data.params.get("split", dm.config.split)
+    split = data.params.get("split", dm.config.split)
     holdout_df, holdout_info = (None, None)
     if holdout > 0 and len(data.test):
         holdout_df, holdout_info = _holdout_frame(data, window, holdout, track_ids)
@@ -858,9 +821,7 @@ def export_checkpoint(
             "filter_seen": bool(data.params.get("filter_seen", False)),
             "params": data.params,
             "datamodule": dm_hp,
-            "datamodule_class": STREAMING_DATAMODULE
-            if streaming
-            else f"{SessionDataModule.__module__}.{SessionDataModule.__qualname__}",
+            "datamodule_class": f"{dm_cls.__module__}.{dm_cls.__qualname__}",
         },
         "metrics": _checkpoint_metrics(ckpt),
         "checkpoint": {

@@ -313,3 +313,29 @@ class HashVocab:
 
     def __repr__(self) -> str:
         return f"HashVocab({self.num_buckets} buckets + pad/oov, seed={self.seed})"
+
+
+class BucketIds:
+    """A :class:`HashVocab` seen as a :class:`Vocab`: ``ids`` are the labels ``bucket#i``.
+
+    What the training data hands the model when track ids are hashed (checkpoints keep the
+    labels; exports name each bucket by its most played raw id, see the prepared catalogue).
+
+    Args:
+        vocab: The hash function and bucket count.
+        prefix: Label prefix.
+    """
+
+    def __init__(self, vocab: HashVocab, prefix: str = "bucket") -> None:
+        self.vocab = vocab
+        self.ids = [f"{prefix}#{i}" for i in range(vocab.num_buckets)]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def lookup(self, raw: Any) -> np.ndarray:
+        """Bucket indices of ``raw`` ids (PAD for missing)."""
+        return self.vocab.lookup(raw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BucketIds) and other.vocab == self.vocab

@@ -21,6 +21,8 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r".*isinstance\(treespec, LeafSpec\)", FutureWarning),
     (r"LightningCLI's args parameter", UserWarning),
     (r"skip_none parameter was deprecated", Warning),  # jsonargparse, from Lightning's code
+    # TrainingBatches gives every worker its own shard and knows the exact batch count
+    (r"Your `IterableDataset` has `__len__` defined", UserWarning),
 )
 
 

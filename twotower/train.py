@@ -29,7 +29,7 @@ from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from twotower.data.datamodule import SessionDataModule
+from twotower.data.datamodule import TwoTowerDataModule
 from twotower.model.module import MONITOR, TwoTowerModule
 
 #: Model constructor arguments that come from the data.
@@ -47,22 +47,19 @@ DATA_SIZES = (
 
 
 #: The DataModule a config gets when it does not name one (``data.class_path``).
-DEFAULT_DATAMODULE = "twotower.data.datamodule.SessionDataModule"
+DEFAULT_DATAMODULE = "twotower.data.datamodule.TwoTowerDataModule"
 #: The DataModules whose options ``train.py fit --help`` lists.
-HELP_DATAMODULES = (
-    DEFAULT_DATAMODULE,
-    "twotower.data.stream_module.StreamingSessionDataModule",
-)
+HELP_DATAMODULES = (DEFAULT_DATAMODULE,)
 #: The TensorBoard logger's default folder; ``--trainer.default_root_dir`` replaces it.
 DEFAULT_LOG_DIR = "runs"
 
 
-def _sizes(dm: SessionDataModule) -> dict[str, int]:
+def _sizes(dm: TwoTowerDataModule) -> dict[str, int]:
     return dm.model_sizes()
 
 
 def _size_getter(name: str) -> Any:
-    def get(dm: SessionDataModule) -> int:
+    def get(dm: TwoTowerDataModule) -> int:
         return int(_sizes(dm)[name])
 
     get.__name__ = f"data_{name}"
@@ -212,10 +209,8 @@ def resolve_last_checkpoint(config: Any) -> None:
 class TwoTowerCLI(LightningCLI):
     """``LightningCLI(TwoTowerModule, <a DataModule>)`` with the callbacks and links.
 
-    The DataModule is :class:`SessionDataModule` unless a config names another one with
-    ``data: {class_path: ..., init_args: {...}}`` (e.g. the streaming
-    :class:`~twotower.data.stream_module.StreamingSessionDataModule`); flat ``data:`` keys
-    keep configuring ``SessionDataModule``.
+    The DataModule is :class:`TwoTowerDataModule` (flat ``data:`` keys) unless a config names
+    another one with ``data: {class_path: ..., init_args: {...}}``.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -380,7 +375,7 @@ def fit(
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     ckpt_path: str | Path | None = None,
     callbacks: Sequence[pl.Callback] = (),
-) -> tuple[pl.Trainer, TwoTowerModule, SessionDataModule]:
+) -> tuple[pl.Trainer, TwoTowerModule, TwoTowerDataModule]:
     """Train as ``python train.py fit --config ...`` would.
 
     Args:

@@ -1,10 +1,16 @@
-"""The Lightning DataModule: prepared data -> training windows and evaluation batches.
+"""The Lightning DataModule: a prepared dataset -> training batches and evaluation batches.
 
-Training: every training sequence (positive events only) is cut, from its end backwards, into
-windows of ``window + 1`` items, left-padded with 0. A window gives ``window`` next-item examples
-at once (input position ``t`` predicts item ``t + 1``). By default the windows do not overlap and
-every positive event after the first of its sequence is a target in exactly one window;
-``window_stride < window`` overlaps them (each target then appears behind several contexts).
+One DataModule for every size. The data is prepared once (:func:`~twotower.data.pipeline.
+prepare_data`, or read from a folder another engine wrote in the same layout: ``prepared``), and
+training reads its blocks through :class:`~twotower.data.train_batches.TrainingBatches`: from
+memory by default, or one row group at a time from the Parquet files with ``streaming: true``
+(memory then follows ``block_rows x shuffle_blocks``, not the data). Both give the same batches
+when the data fits in one shuffle buffer.
+
+Training: every training sequence (positive events only, or every play with the per-play
+signals) is cut, from its end backwards, into windows of ``window + 1`` items, left-padded with
+0 (:func:`~twotower.data.windows.build_windows`). A window gives ``window`` next-item examples
+at once (input position ``t`` predicts item ``t + 1``).
 
 Evaluation: the last ``window`` items of each validation/test history, left-padded, with the
 target and, when the data's ``filter_seen`` is on, the already-seen items as a CSR slice.
@@ -12,24 +18,25 @@ target and, when the data's ``filter_seen`` is on, the already-seen items as a C
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+import inspect
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from twotower.data.eval_dataset import EvalDataset
 from twotower.data.pipeline import DataConfig, prepare_data
-from twotower.data.prepared import PreparedData
+from twotower.data.prepared import DEFAULT_BLOCK_ROWS, PreparedData
 from twotower.data.schema import DataError
+from twotower.data.train_batches import TrainingBatches, TrainLoader, global_seed, window_count
 from twotower.data.windows import build_windows
 from twotower.query import left_pad_last  # noqa: F401  (re-export)
 
-__all__ = ["EvalDataset", "SessionDataModule", "build_windows", "left_pad_last"]
+__all__ = ["EvalDataset", "TwoTowerDataModule", "build_windows", "left_pad_last"]
 
 Batch = dict[str, Tensor]
 
@@ -38,130 +45,22 @@ def _batch_as_is(batch: Batch) -> Batch:
     return batch
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random order that depends only on ``(seed, epoch)``, not on the global RNG state.
-
-    A run resumed from a checkpoint therefore sees exactly the batches an uninterrupted run
-    would. The epoch comes from ``epoch_fn`` when given (the trainer's epoch counter: Lightning
-    may create the first iterator of a resumed run before it calls :meth:`set_epoch`), else
-    from :meth:`set_epoch`.
-
-    With ``lengths`` and ``batch_size``, consecutive runs of ``batch_size`` indices (the
-    batches the DataLoader forms) hold windows of similar length: the shuffled indices are cut
-    into pools of ``bucket_batches`` batches, each pool is sorted by length and cut into
-    batches, and the batches are shuffled. The model then trims the padding columns that a
-    whole batch shares, instead of computing on them.
-
-    Args:
-        n: Dataset size.
-        seed: Base seed.
-        epoch_fn: Returns the current epoch.
-        lengths: Real (non-pad) length of every item, ``[n]``, for length bucketing.
-        batch_size: The DataLoader's batch size (bucketing only).
-        bucket_batches: Batches per sorted pool.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        seed: int = 0,
-        epoch_fn: Callable[[], int] | None = None,
-        lengths: np.ndarray | None = None,
-        batch_size: int = 1,
-        bucket_batches: int = 50,
-    ) -> None:
-        self.n = n
-        self.seed = seed
-        self.epoch = 0
-        self.epoch_fn = epoch_fn
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.bucket_batches = bucket_batches
-        self.start = 0  # indices to skip once, on the next iteration (mid-epoch resume)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch``."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
-        rng = np.random.default_rng([self.seed, int(epoch)])
-        order = rng.permutation(self.n)
-        if self.lengths is not None and self.batch_size > 1:
-            order = self._bucketed(order, rng)
-        start, self.start = self.start, 0
-        return iter(order[start:].tolist())
-
-    def _bucketed(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Pools of ``bucket_batches`` batches sorted by length, batches shuffled."""
-        assert self.lengths is not None
-        b = self.batch_size
-        pool = b * self.bucket_batches
-        full, short = [], []
-        for start in range(0, self.n, pool):
-            chunk = order[start : start + pool]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            for i in range(0, len(chunk), b):
-                (full if len(chunk[i : i + b]) == b else short).append(chunk[i : i + b])
-        # the one short batch (if any) stays last, so every other batch is full
-        return np.concatenate([full[i] for i in rng.permutation(len(full))] + short)
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over an :class:`EpochShuffleSampler` that resumes mid-epoch.
-
-    Lightning stores :meth:`state_dict` (batches served in the current epoch, 0 once the epoch
-    is complete) in every checkpoint and calls :meth:`load_state_dict` when resuming; the next
-    iterator then starts that many batches into the same epoch order, so a run resumed from a
-    mid-epoch checkpoint sees exactly the batches an uninterrupted run would (instead of
-    restarting the epoch). ``epoch_batches`` returns the batches of a full epoch (the trainer's
-    ``num_training_batches``, which ``limit_train_batches`` may make shorter than the loader).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._served = 0
-        self.epoch_batches: Callable[[], float] | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        self._served = getattr(self.sampler, "start", 0) // self.batch_size
-        for batch in super().__iter__():
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Batches handed out in the current epoch (0 when the epoch is complete)."""
-        full = self.epoch_batches() if self.epoch_batches is not None else len(self)
-        return {"batches": self._served if self._served < full else 0}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Skip the batches a checkpoint had already trained on."""
-        self.sampler.start = max(int(state.get("batches", 0)), 0) * self.batch_size
-
-
-class WindowDataset(Dataset):
-    """Training windows; fetched a whole batch at a time (``__getitems__``), no per-row collate.
-
-    Args:
-        arrays: Output of :func:`build_windows`.
-    """
-
-    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
-        self.tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        self.lengths = (arrays["items"] != 0).sum(axis=1)
-
-    def __len__(self) -> int:
-        return int(self.tensors["items"].shape[0])
-
-    def __getitem__(self, i: int) -> Batch:
-        return {k: v[i] for k, v in self.tensors.items()}
-
-    def __getitems__(self, indices: list[int]) -> Batch:
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return {k: v[idx] for k, v in self.tensors.items()}
+def block_windows(data: PreparedData, window: int, stride: int, play_signals: bool) -> np.ndarray:
+    """Training windows of every block, ``[B]`` (on disk: reads only ``seq`` and ``positive``)."""
+    out = np.zeros(len(data.blocks), dtype=np.int64)
+    for i, b in enumerate(data.blocks):
+        if b.file is None:
+            seqs = data.block(b)
+            keep = np.ones(len(seqs.items), bool) if play_signals else seqs.positive
+            seq_of = np.repeat(np.arange(len(seqs)), seqs.lengths)
+            n = np.bincount(seq_of[keep], minlength=len(seqs))
+        else:
+            t = pq.ParquetFile(b.file).read_row_group(b.row_group, columns=["seq", "positive"])
+            seq = t.column("seq").to_numpy()
+            keep = np.ones(len(seq), bool) if play_signals else t.column("positive").to_numpy()
+            _, n = np.unique(seq[keep], return_counts=True)
+        out[i] = window_count(n, window, stride)
+    return out
 
 
 def _no_validation_message(params: dict[str, Any]) -> str:
@@ -184,11 +83,11 @@ def _no_validation_message(params: dict[str, Any]) -> str:
     return msg + "; `twotower data-report` shows the split"
 
 
-class SessionDataModule(pl.LightningDataModule):
-    """Prepared data as Lightning batches.
+class TwoTowerDataModule(pl.LightningDataModule):
+    """A prepared dataset as Lightning batches, in memory or streamed (see the module doc).
 
     The first block of arguments is :class:`~twotower.data.pipeline.DataConfig`, field for field
-    (see its documentation); the rest shape the batches.
+    (see its documentation); the rest choose the prepared folder and shape the batches.
 
     Args:
         format: Loader name.
@@ -207,6 +106,15 @@ class SessionDataModule(pl.LightningDataModule):
         filter_seen: ``auto`` | ``on`` | ``off``.
         cache_dir: Cache folder of the prepared data (None: no cache).
         seed: Preprocessing seed.
+        block_rows: Training plays per block (row group), whole sequences.
+        num_buckets: Hash track ids into this many embedding rows (None: exact vocabulary).
+        prepared: Read this prepared folder (written by :meth:`PreparedData.save` or by another
+            engine in the same layout) instead of preparing ``path``; the options above are
+            then ignored (the folder's header has its own).
+        streaming: Keep the training plays on disk and read them block by block (needs
+            ``cache_dir`` or ``prepared``); False holds them in memory.
+        shuffle_blocks: Blocks shuffled together (the buffer); data of at most this many
+            blocks is shuffled globally.
         batch_size: Training windows per batch (each gives up to ``window`` examples).
         eval_batch_size: Queries per evaluation batch.
         window: History length ``L`` of training windows and evaluation queries.
@@ -220,7 +128,8 @@ class SessionDataModule(pl.LightningDataModule):
             to ``model.play_clock``.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (None: when CUDA is available).
-        persistent_workers: Keep workers alive between epochs.
+        persistent_workers: Keep evaluation workers alive between epochs (training workers
+            are started every epoch, so they see its plan).
     """
 
     def __init__(
@@ -240,6 +149,11 @@ class SessionDataModule(pl.LightningDataModule):
         filter_seen: str | bool = "auto",
         cache_dir: str | None = ".cache/twotower",
         seed: int = 0,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
+        num_buckets: int | None = None,
+        prepared: str | None = None,
+        streaming: bool = False,
+        shuffle_blocks: int = 16,
         batch_size: int = 128,
         eval_batch_size: int = 512,
         window: int = 50,
@@ -268,7 +182,14 @@ class SessionDataModule(pl.LightningDataModule):
             filter_seen=filter_seen,
             cache_dir=cache_dir,
             seed=seed,
+            block_rows=block_rows,
+            num_buckets=num_buckets,
         )
+        self.prepared = prepared
+        self.streaming = streaming
+        if shuffle_blocks < 1:
+            raise ValueError(f"data.shuffle_blocks must be >= 1, got {shuffle_blocks}")
+        self.shuffle_blocks = shuffle_blocks
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         self.batch_size = batch_size
@@ -283,14 +204,24 @@ class SessionDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self._data: PreparedData | None = None
-        self._train: WindowDataset | None = None
+        self._train: TrainingBatches | None = None
 
     # ------------------------------------------------------------------ data and sizes
     @property
     def data(self) -> PreparedData:
-        """The prepared data (built or read from the cache on first use)."""
+        """The prepared data (built, or read from its folder, on first use).
+
+        Streamed, the training plays stay on disk; :attr:`PreparedData.train` reads them all
+        only when a caller needs them in memory (baselines, ``export --users``).
+        """
         if self._data is None:
-            self._data = prepare_data(self.config)
+            if self.prepared is not None:
+                try:
+                    self._data = PreparedData.load(self.prepared, train=not self.streaming)
+                except ValueError as e:
+                    raise DataError(f"data.prepared: {e}") from e
+            else:
+                self._data = prepare_data(self.config, in_memory=not self.streaming)
         return self._data
 
     @property
@@ -321,34 +252,47 @@ class SessionDataModule(pl.LightningDataModule):
         return sizes
 
     def prepare_data(self) -> None:
-        """Build the cache once (rank 0) before every rank reads it in :meth:`setup`."""
-        if self.config.cache_dir is not None:
-            prepare_data(self.config)
+        """Prepare the data once (rank 0) before every rank reads the folder in :meth:`setup`."""
+        if self.prepared is None and self.config.cache_dir is not None:
+            prepare_data(self.config, in_memory=False)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the data (every rank) and build the training windows."""
+        """Load the data (every rank) and plan the training batches."""
         if stage == "fit" and len(self.data.valid) == 0:
             raise DataError(_no_validation_message(self.data.params))
         if stage in (None, "fit") and self._train is None:
-            windows = build_windows(
-                self.data.train, self.window, self.window_stride, self.play_signals, self.play_clock
-            )
-            self._train = WindowDataset(windows)
+            self._train = self.train_batches()
+
+    def train_batches(self, rank: int = 0, world_size: int = 1) -> TrainingBatches:
+        """The training batches of one DDP rank (see :class:`TrainingBatches`)."""
+        d = self.data
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            rank, world_size = trainer.global_rank, trainer.world_size
+        batches = TrainingBatches(
+            list(d.blocks),
+            d.block,
+            block_windows(d, self.window, self.window_stride, self.play_signals),
+            self.batch_size,
+            self.window,
+            self.window_stride,
+            self.play_signals,
+            self.play_clock,
+            seed=global_seed(self.config.seed),
+            shuffle_blocks=self.shuffle_blocks,
+            rank=rank,
+            world_size=world_size,
+        )
+        if not self.streaming:
+            batches.warm()
+        return batches
 
     # ------------------------------------------------------------------ loaders
-    def _loader(
-        self,
-        ds: Dataset,
-        batch_size: int,
-        shuffle: bool,
-        sampler: Sampler | None = None,
-        cls: type[DataLoader] = DataLoader,
-    ) -> DataLoader:
-        return cls(
+    def _loader(self, ds: Dataset, batch_size: int) -> DataLoader:
+        return DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
+            shuffle=False,
             collate_fn=_batch_as_is,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -356,26 +300,15 @@ class SessionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training windows (order seeded by ``seed_everything`` and the epoch).
-
-        On one device an :class:`EpochShuffleSampler`; under DDP Lightning's
-        ``DistributedSampler`` (also seeded by epoch) replaces a plain shuffle.
-        """
+        """Training batches, ordered by ``(seed, epoch)`` (resumable mid-epoch)."""
         self.setup("fit")
         assert self._train is not None
         trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.world_size > 1:
-            return self._loader(self._train, self.batch_size, shuffle=True)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", self.config.seed))
-        sampler = EpochShuffleSampler(
-            len(self._train),
-            seed,
-            self._epoch if trainer else None,
-            lengths=self._train.lengths,
-            batch_size=self.batch_size,
-        )
-        loader = self._loader(
-            self._train, self.batch_size, False, sampler=sampler, cls=ResumableDataLoader
+        loader = TrainLoader(
+            self._train,
+            epoch_fn=self._epoch if trainer is not None else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
         )
         if trainer is not None:
             loader.epoch_batches = lambda: trainer.num_training_batches
@@ -399,8 +332,23 @@ class SessionDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation queries in order."""
-        return self._loader(self.eval_dataset("valid"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset("valid"), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """Test queries in order."""
-        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size)
+
+
+def datamodule_from_hparams(hparams: dict[str, Any]) -> TwoTowerDataModule:
+    """The DataModule of saved hyper-parameters (a checkpoint's or a manifest's).
+
+    Keys that :class:`TwoTowerDataModule` does not take (LightningCLI's private ones) are left
+    out.
+    """
+    params = inspect.signature(TwoTowerDataModule.__init__).parameters
+    return TwoTowerDataModule(**{k: v for k, v in hparams.items() if k in params and k != "self"})
+
+
+# The class's name before one DataModule served every size: older configs and checkpoints
+# (``class_path: twotower.data.datamodule.SessionDataModule``) still load.
+SessionDataModule = TwoTowerDataModule

@@ -27,7 +27,7 @@ import pyarrow as pa
 from twotower import __version__
 from twotower.data import splits as sp
 from twotower.data.features import build_item_features
-from twotower.data.prepared import CACHE_FORMAT, PreparedData
+from twotower.data.prepared import CACHE_FORMAT, DEFAULT_BLOCK_ROWS, PreparedData, memory_blocks
 from twotower.data.report import DataReport
 from twotower.data.schema import DataError
 from twotower.data.sessions import (
@@ -37,7 +37,7 @@ from twotower.data.sessions import (
     sessionize_events,
 )
 from twotower.data.sources import load_source
-from twotower.ids import OOV, PAD, Vocab
+from twotower.ids import OOV, PAD, BucketIds, HashVocab, Vocab
 
 log = logging.getLogger("twotower")
 
@@ -95,6 +95,12 @@ class DataConfig:
             into ``params["filter_seen"]`` (bool).
         cache_dir: Cache folder (None disables caching).
         seed: Seed of everything random in preprocessing (random holdout order).
+        block_rows: Training plays per block (a row group of whole sequences on disk): the
+            unit that training reads, shuffles and shards by rank and worker.
+        num_buckets: Hash track ids into this many embedding rows (None: one row per
+            training track). Ids that share a bucket share a vector; a track first played
+            after training still has one (its bucket's). Side features and display metadata
+            of a bucket are its most played training track's.
     """
 
     format: str = "synthetic"
@@ -112,6 +118,8 @@ class DataConfig:
     filter_seen: str = "auto"
     cache_dir: str | None = ".cache/twotower"
     seed: int = 0
+    block_rows: int = DEFAULT_BLOCK_ROWS
+    num_buckets: int | None = None
 
     def __post_init__(self) -> None:
         self.filter_seen = _normalise_switch(self.filter_seen)
@@ -120,6 +128,10 @@ class DataConfig:
                 raise DataError(
                     f"data.{name}: expected one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.block_rows < 1:
+            raise DataError(f"data.block_rows must be >= 1, got {self.block_rows}")
+        if self.num_buckets is not None and self.num_buckets < 1:
+            raise DataError(f"data.num_buckets must be >= 1 or null, got {self.num_buckets}")
         if self.split in ("time", "next_in_session"):
             self._check_cutoffs()
         if self.split == "next_in_session" and self.sequence_by == "session":
@@ -336,6 +348,33 @@ def _vocab_from_codes(codes: np.ndarray, raw: np.ndarray) -> tuple[Vocab, np.nda
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def _hashed_items(
+    num_buckets: int, ev: Events, train: np.ndarray
+) -> tuple[BucketIds, np.ndarray, pd.DataFrame, Vocab]:
+    """Hashed track ids: the vocabulary, code -> index lookup, catalogue and bucket names.
+
+    Returns:
+        The :class:`BucketIds`; an ``[len(track_ids) + 1]`` lookup (entry ``c + 1`` is the
+        bucket index of code ``c``, entry 0 PAD); the catalogue of raw training tracks
+        (``track_id``, ``index``, ``plays``; most played first within a bucket); and a
+        :class:`Vocab` naming bucket ``i`` by its most played training track (``bucket#i``
+        when none hashed into it), for side features and display.
+    """
+    vocab = BucketIds(HashVocab(num_buckets))
+    raw = ev.track_ids.astype(str)
+    lookup = np.concatenate([[PAD], vocab.lookup(raw)]).astype(np.int64)
+    codes = ev.track[train & ev.positive]
+    plays = np.bincount(codes[codes >= 0], minlength=len(raw))
+    seen = np.unique(ev.track[train])
+    cat = pd.DataFrame({"track_id": raw[seen], "index": lookup[seen + 1], "plays": plays[seen]})
+    cat = cat.sort_values(["index", "plays", "track_id"], ascending=[True, False, True])
+    cat = cat.reset_index(drop=True)
+    names = list(vocab.ids)
+    for idx, tid in cat.drop_duplicates("index")[["index", "track_id"]].itertuples(False):
+        names[idx - 2] = tid
+    return vocab, lookup, cat, Vocab(names)
+
+
 def _resolve_sequence_by(cfg: DataConfig, ev: Events) -> str:
     has_users = bool(len(ev)) and bool((ev.user >= 0).all())
     if cfg.split == "next_in_session" and not has_users:
@@ -422,7 +461,12 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
 
     # Vocabularies from the training rows only: later tracks/users/contexts map to OOV.
     train = roles == sp.TRAIN
-    item_vocab, item_lut = _vocab_from_codes(ev.track[train], ev.track_ids)
+    catalogue = None
+    if cfg.num_buckets:
+        item_vocab, item_lut, catalogue, rep_vocab = _hashed_items(cfg.num_buckets, ev, train)
+    else:
+        item_vocab, item_lut = _vocab_from_codes(ev.track[train], ev.track_ids)
+        rep_vocab = item_vocab
     user_vocab, user_lut = _vocab_from_codes(ev.user[train], ev.user_ids)
     ctx_vocab, ctx_lut = _vocab_from_codes(ev.context[train], ev.context_ids)
     items = item_lut[ev.track + 1]
@@ -443,7 +487,10 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
     item_counts = np.bincount(
         items[train_rows[ev.positive[train_rows]]], minlength=len(item_vocab)
     ).astype(np.int64)
-    features, display = build_item_features(res.tracks, item_vocab, report)
+    # hashed: the features and display row of a bucket are its most played training track's
+    features, display = build_item_features(
+        res.tracks, rep_vocab, report if catalogue is None else None
+    )
     filter_seen, why = _resolve_filter_seen(cfg, report.source, seq, ev, roles)
     report.notes.append(why)
 
@@ -483,7 +530,7 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         item_vocab=item_vocab,
         user_vocab=user_vocab,
         context_vocab=ctx_vocab,
-        train=sequences,
+        train_sequences=sequences,
         valid=evals["valid"],
         test=evals["test"],
         item_counts=item_counts,
@@ -492,6 +539,8 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         report=report,
         fingerprint=fp,
         params=params,
+        blocks=memory_blocks(sequences, cfg.block_rows),
+        catalogue=catalogue,
     )
 
 
@@ -540,39 +589,46 @@ def cache_path(cfg: DataConfig, fp: str | None = None) -> Path | None:
     return Path(cfg.cache_dir) / (fp or fingerprint(cfg))[:16]
 
 
-def prepare_data(cfg: DataConfig, log_report: bool = True) -> PreparedData:
-    """Load, sessionize, filter, split and encode the data of ``cfg``, with a cache.
+def prepare_data(cfg: DataConfig, log_report: bool = True, in_memory: bool = True) -> PreparedData:
+    """Load, sessionize, filter, split and encode the data of ``cfg`` once, into a folder.
 
-    A cached result is used when its fingerprint matches; a truncated or corrupt cache folder
-    is logged as a warning and rebuilt.
+    The prepared folder (``cache_dir/<fingerprint[:16]>``, see
+    :mod:`twotower.data.prepared`) is the cache: a folder whose fingerprint matches is read
+    instead of preparing again; a truncated or corrupt one is logged as a warning and rebuilt.
 
     Args:
         cfg: The data options.
         log_report: Log the data report when the data is built (a caller that prints the
             report itself passes False, so it is not shown twice).
+        in_memory: Hold the training plays in memory (False: they stay on disk and training
+            streams them block by block; needs ``cache_dir``).
 
     Raises:
         DataError: Bad input or impossible settings (the message names the file/column/option).
     """
     fp = fingerprint(cfg)
     folder = cache_path(cfg, fp)
+    if folder is None and not in_memory:
+        raise DataError("streamed training reads the prepared folder: set data.cache_dir")
     if folder is not None and folder.exists():
         try:
             t0 = time.perf_counter()
-            data = PreparedData.load(folder)
+            data = PreparedData.load(folder, train=in_memory)
             if data.fingerprint != fp:
                 raise ValueError(f"{folder}: fingerprint mismatch")
-            log.info("data cache hit: %s (%.2f s)", folder, time.perf_counter() - t0)
+            log.info("prepared data found: %s (%.2f s)", folder, time.perf_counter() - t0)
             return data
         except ValueError as e:
-            log.warning("data cache at %s is unusable, rebuilding: %s", folder, e)
+            log.warning("prepared data at %s is unusable, rebuilding: %s", folder, e)
     elif folder is not None:
-        log.info("data cache miss: %s", folder)
+        log.info("preparing the data into %s", folder)
     data = _build(cfg, fp)
     if log_report:
         log.info("%s", data.report.format())
     if folder is not None:
-        data.save(folder)
+        data.save(folder, cfg.block_rows)
+        if not in_memory:
+            return PreparedData.load(folder, train=False)
     return data
 
 

@@ -1,7 +1,28 @@
-"""Preprocessed, split data as dense arrays: the contract between the data layer and the model.
+"""The prepared dataset: the contract between the data layer and training, in memory and on disk.
 
-Everything is numpy (CSR layout for ragged sequences) so it caches to disk without pickle, memory
-maps cheaply, and feeds the DataModule, the metrics and the baselines alike.
+In memory everything is numpy (CSR layout for ragged sequences) and feeds the DataModule, the
+metrics and the baselines alike. On disk (:meth:`PreparedData.save`, :meth:`PreparedData.load`)
+it is a folder of Parquet files plus a small JSON header, written once by
+:func:`twotower.data.pipeline.prepare_data` (or by any engine that writes the same layout: see
+the README's "Prepared dataset format"):
+
+``header.json``
+    ``format`` (:data:`FORMAT`), ``fingerprint``, ``params`` (the preprocessing parameters and
+    the resolved protocol), ``vocabs`` (user, context, artist, album and genre ids; index
+    ``i + 2`` is ``ids[i]``), ``audio_names``, ``report`` (the data report) and optionally
+    ``files`` (size and sha256 of every file, checked before use).
+``items.parquet``
+    One row per item index (rows 0 and 1 are padding and out-of-vocabulary): ``track_id``,
+    ``title``, ``artist`` (display), ``count`` (training positives: logQ and popularity),
+    ``artist_idx``, ``album_idx``, ``year_bucket``, ``genre_0..`` and the ``f_*`` audio
+    features.
+``plays/*.parquet``
+    The training plays in sequence order: ``seq`` (sequence number, increasing), ``user``,
+    ``item``, ``hour``, ``context``, ``positive``, ``timestamp``. Every row group holds whole
+    sequences: a row group is a *block*, the unit that training streams, shuffles and shards
+    by DDP rank and loader worker.
+``valid.parquet``, ``test.parquet``
+    One row per evaluation case: the :class:`EvalSet` fields (ragged ones as list columns).
 """
 
 from __future__ import annotations
@@ -17,13 +38,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from twotower.data.report import DataReport
-from twotower.ids import Vocab
+from twotower.ids import BucketIds, HashVocab, Vocab
 from twotower.query import play_gaps
 
-# 2: evaluation sets carry every play with its per-play signals; 3: and its time (the clock)
-CACHE_FORMAT = 3
+# 2: evaluation sets carry every play with its per-play signals; 3: and its time (the clock);
+# 4: Parquet shards + header.json, training plays in blocks
+FORMAT = 4
+CACHE_FORMAT = FORMAT
+DEFAULT_BLOCK_ROWS = 262_144  # training plays per block (row group), whole sequences
+PLAY_COLUMNS = ("seq", "user", "item", "hour", "context", "positive", "timestamp")
+_SEQ_FIELDS = {"items": "item", "hours": "hour", "contexts": "context", "positive": "positive",
+               "timestamps": "timestamp"}  # fmt: skip
+_EVAL_RAGGED = {  # CSR values -> their offsets field
+    "history": "offsets",
+    "seen": "seen_offsets",
+    "plays": "plays_offsets",
+    "plays_skipped": "plays_offsets",
+    "plays_gaps": "plays_offsets",
+    "plays_timestamps": "plays_offsets",
+}
 
 
 def csr_rows(values: np.ndarray, offsets: np.ndarray, i: int) -> np.ndarray:
@@ -157,6 +194,143 @@ class ItemFeatures:
         }
 
 
+@dataclass(frozen=True)
+class Block:
+    """A run of whole training sequences: one row group on disk, or a slice of them in memory.
+
+    Attributes:
+        index: Position in the dataset's block list.
+        rows: Plays in the block.
+        file: Parquet file (None for a block of in-memory sequences).
+        row_group: Row group in ``file``.
+        seq_start: First sequence (position in :attr:`PreparedData.train`) of an in-memory block.
+        seq_stop: One past its last sequence.
+    """
+
+    index: int
+    rows: int
+    file: Path | None = None
+    row_group: int = 0
+    seq_start: int = 0
+    seq_stop: int = 0
+
+
+def plan_blocks(offsets: np.ndarray, block_rows: int) -> np.ndarray:
+    """Sequence boundaries of blocks of at most ``block_rows`` plays (a longer sequence alone).
+
+    Returns:
+        ``[B + 1]`` int64 sequence indices; block ``b`` holds sequences ``[out[b], out[b+1])``.
+    """
+    if block_rows < 1:
+        raise ValueError(f"data.block_rows must be >= 1, got {block_rows}")
+    num_seq = len(offsets) - 1
+    bounds = [0]
+    while bounds[-1] < num_seq:
+        b = bounds[-1]
+        nxt = int(np.searchsorted(offsets, offsets[b] + block_rows, side="right")) - 1
+        bounds.append(min(max(nxt, b + 1), num_seq))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+def memory_blocks(seqs: Sequences, block_rows: int) -> list[Block]:
+    """The blocks of in-memory sequences, cut as :meth:`PreparedData.save` cuts row groups."""
+    bounds = plan_blocks(seqs.offsets, block_rows)
+    return [
+        Block(i, int(seqs.offsets[b] - seqs.offsets[a]), seq_start=int(a), seq_stop=int(b))
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
+    ]
+
+
+def slice_sequences(seqs: Sequences, start: int, stop: int) -> Sequences:
+    """Sequences ``start..stop-1`` as their own :class:`Sequences` (views, offsets from 0)."""
+    lo, hi = int(seqs.offsets[start]), int(seqs.offsets[stop])
+    return Sequences(
+        items=seqs.items[lo:hi],
+        offsets=seqs.offsets[start : stop + 1] - lo,
+        users=seqs.users[start:stop],
+        hours=seqs.hours[lo:hi],
+        contexts=seqs.contexts[lo:hi],
+        positive=seqs.positive[lo:hi],
+        timestamps=seqs.timestamps[lo:hi],
+    )
+
+
+def concat_sequences(parts: list[Sequences]) -> Sequences:
+    """One :class:`Sequences` of ``parts`` in order."""
+    sizes = np.cumsum([0] + [len(p.items) for p in parts])
+    offsets = [p.offsets[:-1] + s for p, s in zip(parts, sizes[:-1], strict=True)]
+    return Sequences(
+        items=np.concatenate([p.items for p in parts]).astype(np.int64),
+        offsets=np.append(np.concatenate(offsets), sizes[-1]).astype(np.int64),
+        users=np.concatenate([p.users for p in parts]).astype(np.int64),
+        hours=np.concatenate([p.hours for p in parts]).astype(np.int8),
+        contexts=np.concatenate([p.contexts for p in parts]).astype(np.int64),
+        positive=np.concatenate([p.positive for p in parts]).astype(bool),
+        timestamps=np.concatenate([p.timestamps for p in parts]).astype(np.int64),
+    )
+
+
+def read_block(block: Block) -> Sequences:
+    """The sequences of an on-disk block (one row group)."""
+    assert block.file is not None
+    t = pq.ParquetFile(block.file).read_row_group(block.row_group, columns=list(PLAY_COLUMNS))
+    return _sequences_of(t, f"{block.file} (row group {block.row_group})")
+
+
+def _sequences_of(t: pa.Table, where: str) -> Sequences:
+    col = {name: t.column(name).to_numpy() for name in PLAY_COLUMNS}
+    seq = col["seq"]
+    if len(seq) and (np.diff(seq) < 0).any():
+        raise ValueError(f"{where}: column 'seq' decreases: plays must be in sequence order")
+    new = np.ones(len(seq), dtype=bool)
+    new[1:] = seq[1:] != seq[:-1]
+    starts = np.flatnonzero(new)
+    return Sequences(
+        items=col["item"].astype(np.int64),
+        offsets=np.append(starts, len(seq)).astype(np.int64),
+        users=col["user"][starts].astype(np.int64),
+        hours=col["hour"].astype(np.int8),
+        contexts=col["context"].astype(np.int64),
+        positive=col["positive"].astype(bool),
+        timestamps=col["timestamp"].astype(np.int64),
+    )
+
+
+def list_blocks(folder: Path) -> list[Block]:
+    """The blocks of a prepared folder's ``plays/*.parquet`` (files in name order).
+
+    Raises:
+        ValueError: No play files, a missing column, or a sequence split across row groups.
+    """
+    files = sorted((folder / "plays").glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{folder / 'plays'}: no *.parquet files of training plays")
+    blocks: list[Block] = []
+    last_seq: int | None = None
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        missing = [c for c in PLAY_COLUMNS if c not in names]
+        if missing:
+            raise ValueError(f"{f}: missing column(s) {missing} (expected {list(PLAY_COLUMNS)})")
+        seq_col = names.index("seq")
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            if rg.num_rows == 0:
+                continue
+            stats = rg.column(seq_col).statistics
+            if stats is None or not stats.has_min_max:
+                raise ValueError(f"{f}: row group {g} has no min/max statistics for 'seq'")
+            if last_seq is not None and int(stats.min) <= last_seq:
+                raise ValueError(
+                    f"{f}: row group {g} starts at seq {stats.min} <= {last_seq}, the end of the "
+                    "previous block: a sequence spans two row groups, or plays are out of order"
+                )
+            last_seq = int(stats.max)
+            blocks.append(Block(len(blocks), int(rg.num_rows), file=f, row_group=g))
+    return blocks
+
+
 @dataclass
 class PreparedData:
     """Everything training, evaluation and export need, built from one load.
@@ -165,7 +339,8 @@ class PreparedData:
         item_vocab: Track ids (built from the training part only: no leakage).
         user_vocab: Listener ids (may be empty).
         context_vocab: Context types (may be empty).
-        train: Training sequences.
+        train_sequences: Training sequences in memory, or None while they are only on disk
+            (:attr:`train` reads them on first use; streamed training reads :attr:`blocks`).
         valid: Validation next-item examples.
         test: Test next-item examples.
         item_counts: Training frequency per item index, ``[V]`` int64 (logQ, popularity).
@@ -175,12 +350,16 @@ class PreparedData:
         report: The data report.
         fingerprint: Hash of input files + parameters (the cache key).
         params: The preprocessing parameters.
+        blocks: The training blocks: row groups of the folder, or slices of the in-memory
+            sequences cut the same way.
+        catalogue: With hashed track ids (:class:`~twotower.ids.BucketIds`), every raw
+            training track: ``track_id``, ``index`` (its bucket), ``plays``; else None.
     """
 
     item_vocab: Vocab
     user_vocab: Vocab
     context_vocab: Vocab
-    train: Sequences
+    train_sequences: Sequences | None
     valid: EvalSet
     test: EvalSet
     item_counts: np.ndarray
@@ -189,6 +368,8 @@ class PreparedData:
     report: DataReport
     fingerprint: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    blocks: list[Block] = field(default_factory=list)
+    catalogue: pd.DataFrame | None = None
 
     @property
     def num_items(self) -> int:
@@ -200,47 +381,59 @@ class PreparedData:
         """User vocabulary size including pad and OOV."""
         return len(self.user_vocab)
 
+    @property
+    def train(self) -> Sequences:
+        """Every training sequence in memory (read from the blocks on first use)."""
+        if self.train_sequences is None:
+            self.train_sequences = concat_sequences([read_block(b) for b in self.blocks])
+        return self.train_sequences
+
+    def block(self, b: Block) -> Sequences:
+        """The sequences of block ``b`` (a slice in memory, or its row group read from disk)."""
+        if b.file is not None:
+            return read_block(b)
+        return slice_sequences(self.train, b.seq_start, b.seq_stop)
+
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | Path) -> None:
-        """Write atomically to folder ``path`` (npz without pickle, JSON, Parquet, checksums)."""
+    def save(self, path: str | Path, block_rows: int = DEFAULT_BLOCK_ROWS) -> None:
+        """Write atomically to folder ``path`` (see the module docstring), no pickle.
+
+        Args:
+            path: The folder (replaced).
+            block_rows: Training plays per row group (whole sequences; see :func:`plan_blocks`).
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
         try:
-            for name in ("train", "valid", "test"):
-                part = getattr(self, name)
-                arrays = {f.name: getattr(part, f.name) for f in fields(part)}
-                arrays = {k: v for k, v in arrays.items() if v is not None}
-                np.savez(tmp / f"{name}.npz", **arrays)
+            _write_plays(self.train, tmp / "plays", block_rows)
+            _items_table(self).to_parquet(tmp / "items.parquet", index=False)
+            for name in ("valid", "test"):
+                pq.write_table(_eval_table(getattr(self, name)), tmp / f"{name}.parquet")
+            if self.catalogue is not None:
+                self.catalogue.to_parquet(tmp / "catalogue.parquet", index=False)
             ft = self.features
-            np.savez(
-                tmp / "features.npz",
-                artist=ft.artist,
-                album=ft.album,
-                genres=ft.genres,
-                year=ft.year,
-                audio=ft.audio,
-                item_counts=self.item_counts,
-            )
-            vocabs = {
-                "item": self.item_vocab.ids,
-                "user": self.user_vocab.ids,
-                "context": self.context_vocab.ids,
-                "artist": ft.artist_vocab.ids,
-                "album": ft.album_vocab.ids,
-                "genre": ft.genre_vocab.ids,
-            }
-            (tmp / "vocabs.json").write_text(json.dumps(vocabs))
-            self.tracks.to_parquet(tmp / "tracks.parquet", index=False)
-            meta = {
-                "cache_format": CACHE_FORMAT,
+            hashed = getattr(self.item_vocab, "vocab", None)
+            header = {
+                "format": FORMAT,
                 "fingerprint": self.fingerprint,
                 "params": self.params,
+                "vocabs": {
+                    "user": list(self.user_vocab.ids),
+                    "context": list(self.context_vocab.ids),
+                    "artist": list(ft.artist_vocab.ids),
+                    "album": list(ft.album_vocab.ids),
+                    "genre": list(ft.genre_vocab.ids),
+                },
                 "audio_names": ft.audio_names,
+                "item_hash": hashed.to_dict() if hashed is not None else None,
                 "report": self.report.to_dict(),
-                "sha256": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+                "files": {
+                    str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                    for p in sorted(tmp.rglob("*.parquet"))
+                },
             }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            (tmp / "header.json").write_text(json.dumps(header, indent=1, default=str))
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -249,58 +442,185 @@ class PreparedData:
             raise
 
     @classmethod
-    def load(cls, path: str | Path) -> PreparedData:
-        """Read a folder written by :meth:`save`; every checksum is verified first.
+    def load(cls, path: str | Path, train: bool = True) -> PreparedData:
+        """Read a prepared folder; every listed file's size and checksum is verified first.
+
+        Args:
+            path: The folder.
+            train: Read the training plays into memory now (False: on first use of
+                :attr:`train`; streamed training reads the blocks one at a time).
 
         Raises:
-            ValueError: The folder is incomplete, truncated or from another cache format.
+            ValueError: The folder is incomplete, truncated, of another format or inconsistent
+                (the message names the file).
         """
         path = Path(path)
-        meta_file = path / "meta.json"
+        header_file = path / "header.json"
         try:
-            meta = json.loads(meta_file.read_text())
+            header = json.loads(header_file.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{meta_file}: unreadable cache metadata ({e})") from e
-        if meta.get("cache_format") != CACHE_FORMAT:
-            raise ValueError(
-                f"{meta_file}: cache format {meta.get('cache_format')} != {CACHE_FORMAT}"
-            )
-        for name, digest in meta["sha256"].items():
+            raise ValueError(f"{header_file}: unreadable prepared-dataset header ({e})") from e
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{header_file}: format {header.get('format')} != {FORMAT}")
+        for name, entry in (header.get("files") or {}).items():
             f = path / name
-            if not f.is_file() or _sha256(f) != digest:
-                raise ValueError(f"{f}: missing or corrupt (checksum mismatch)")
-        parts = {}
-        for name, kind in (("train", Sequences), ("valid", EvalSet), ("test", EvalSet)):
-            with np.load(path / f"{name}.npz", allow_pickle=False) as z:
-                parts[name] = kind(**{f.name: z[f.name] for f in fields(kind) if f.name in z})
-        v = json.loads((path / "vocabs.json").read_text())
-        with np.load(path / "features.npz", allow_pickle=False) as z:
-            features = ItemFeatures(
-                artist=z["artist"],
-                album=z["album"],
-                genres=z["genres"],
-                year=z["year"],
-                audio=z["audio"],
-                artist_vocab=Vocab(v["artist"]),
-                album_vocab=Vocab(v["album"]),
-                genre_vocab=Vocab(v["genre"]),
-                audio_names=list(meta["audio_names"]),
-            )
-            item_counts = z["item_counts"]
-        return cls(
-            item_vocab=Vocab(v["item"]),
-            user_vocab=Vocab(v["user"]),
-            context_vocab=Vocab(v["context"]),
-            train=parts["train"],
-            valid=parts["valid"],
-            test=parts["test"],
-            item_counts=item_counts,
-            features=features,
-            tracks=pd.read_parquet(path / "tracks.parquet"),
-            report=DataReport.from_dict(meta["report"]),
-            fingerprint=meta["fingerprint"],
-            params=meta["params"],
+            if (
+                not f.is_file()
+                or f.stat().st_size != entry["bytes"]
+                or (entry.get("sha256") and _sha256(f) != entry["sha256"])
+            ):
+                raise ValueError(f"{f}: missing or corrupt (size or checksum mismatch)")
+        try:
+            items = pd.read_parquet(path / "items.parquet")
+            evals = {n: _eval_set(pq.read_table(path / f"{n}.parquet")) for n in ("valid", "test")}
+        except (OSError, pa.ArrowException, KeyError) as e:
+            raise ValueError(f"{path}: unreadable items or evaluation file ({e})") from e
+        try:
+            blocks = list_blocks(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{path / 'plays'}: unreadable training plays ({e})") from e
+        v = header.get("vocabs") or {}
+        item_vocab: Any = Vocab(items["track_id"].iloc[2:].astype(str).tolist())
+        catalogue = None
+        if header.get("item_hash"):
+            item_vocab = BucketIds(HashVocab.from_dict(header["item_hash"]))
+            try:
+                catalogue = pd.read_parquet(path / "catalogue.parquet")
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{path / 'catalogue.parquet'}: unreadable ({e})") from e
+        data = cls(
+            item_vocab=item_vocab,
+            user_vocab=Vocab(v.get("user", [])),
+            context_vocab=Vocab(v.get("context", [])),
+            train_sequences=None,
+            valid=evals["valid"],
+            test=evals["test"],
+            item_counts=items["count"].to_numpy(dtype=np.int64),
+            features=_features_of(items, v, list(header.get("audio_names") or [])),
+            tracks=_display_of(items),
+            report=DataReport.from_dict(header.get("report") or {}),
+            fingerprint=str(header.get("fingerprint", "")),
+            params=dict(header.get("params") or {}),
+            blocks=blocks,
+            catalogue=catalogue,
         )
+        if train:
+            try:
+                parts = [read_block(b) for b in blocks]
+            except (OSError, pa.ArrowException, TypeError) as e:
+                raise ValueError(f"{path / 'plays'}: unreadable training plays ({e})") from e
+            data.train_sequences = concat_sequences(parts)
+            sizes = np.cumsum([0] + [len(p) for p in parts])
+            data.blocks = [
+                Block(b.index, b.rows, seq_start=int(sizes[i]), seq_stop=int(sizes[i + 1]))
+                for i, b in enumerate(blocks)
+            ]
+        return data
+
+
+# ---------------------------------------------------------------------------- on-disk tables
+def _write_plays(seqs: Sequences, folder: Path, block_rows: int, blocks_per_file: int = 16) -> None:
+    """Training plays as Parquet files of ``blocks_per_file`` row groups, one block each."""
+    folder.mkdir(parents=True)
+    bounds = plan_blocks(seqs.offsets, block_rows)
+    seq_of = np.repeat(np.arange(len(seqs), dtype=np.int64), seqs.lengths)  # [N]
+    schema = pa.schema(
+        [("seq", pa.int64()), ("user", pa.int64()), ("item", pa.int64()), ("hour", pa.int8()),
+         ("context", pa.int64()), ("positive", pa.bool_()), ("timestamp", pa.int64())]
+    )  # fmt: skip
+    nblocks = max(len(bounds) - 1, 1)
+    for f in range(0, nblocks, blocks_per_file):
+        with pq.ParquetWriter(folder / f"part-{f // blocks_per_file:05d}.parquet", schema) as w:
+            for b in range(f, min(f + blocks_per_file, len(bounds) - 1)):
+                lo, hi = int(seqs.offsets[bounds[b]]), int(seqs.offsets[bounds[b + 1]])
+                s = seq_of[lo:hi]
+                cols = [s, seqs.users[s]] + [
+                    a[lo:hi]
+                    for a in (seqs.items, seqs.hours, seqs.contexts, seqs.positive, seqs.timestamps)
+                ]
+                w.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=hi - lo)
+
+
+def _items_table(d: PreparedData) -> pd.DataFrame:
+    ft = d.features
+    out = pd.DataFrame(
+        {
+            "track_id": d.tracks["track_id"].astype("string"),
+            "title": d.tracks["title"].astype("string") if "title" in d.tracks else pd.NA,
+            "artist": d.tracks["artist"].astype("string") if "artist" in d.tracks else pd.NA,
+            "count": d.item_counts.astype(np.int64),
+            "artist_idx": ft.artist.astype(np.int64),
+            "album_idx": ft.album.astype(np.int64),
+            "year_bucket": ft.year.astype(np.int64),
+        }
+    )
+    genres = ft.genres.reshape(len(out), -1)
+    for j in range(genres.shape[1]):
+        out[f"genre_{j}"] = genres[:, j].astype(np.int64)
+    for j, name in enumerate(ft.audio_names):
+        out[name] = ft.audio[:, j].astype(np.float32)
+    return out
+
+
+def _features_of(items: pd.DataFrame, vocabs: dict[str, list], audio: list[str]) -> ItemFeatures:
+    n = len(items)
+    genre_cols = sorted(
+        (c for c in items.columns if c.startswith("genre_")), key=lambda c: int(c[6:])
+    )
+
+    def ints(name: str) -> np.ndarray:
+        return np.array(items[name], dtype=np.int64) if name in items else np.zeros(n, np.int64)
+
+    return ItemFeatures(
+        artist=ints("artist_idx"),
+        album=ints("album_idx"),
+        genres=np.array(items[genre_cols], dtype=np.int64)
+        if genre_cols
+        else np.zeros((n, 1), np.int64),
+        year=ints("year_bucket"),
+        audio=np.array(items[audio], dtype=np.float32) if audio else np.zeros((n, 0), np.float32),
+        artist_vocab=Vocab(vocabs.get("artist", [])),
+        album_vocab=Vocab(vocabs.get("album", [])),
+        genre_vocab=Vocab(vocabs.get("genre", [])),
+        audio_names=audio,
+    )
+
+
+def _display_of(items: pd.DataFrame) -> pd.DataFrame:
+    out = pd.DataFrame({"track_id": items["track_id"].astype("string")})
+    for c in ("title", "artist"):
+        out[c] = (
+            items[c].astype("string")
+            if c in items
+            else pd.Series(pd.NA, index=items.index, dtype="string")
+        )
+    return out
+
+
+def _eval_table(es: EvalSet) -> pa.Table:
+    cols: dict[str, pa.Array] = {}
+    for f in fields(EvalSet):
+        value = getattr(es, f.name)
+        if value is None or f.name in _EVAL_RAGGED.values():
+            continue
+        if f.name in _EVAL_RAGGED:
+            offsets = pa.array(getattr(es, _EVAL_RAGGED[f.name]).astype(np.int64))
+            cols[f.name] = pa.LargeListArray.from_arrays(offsets, pa.array(value))
+        else:
+            cols[f.name] = pa.array(value)
+    return pa.table(cols)
+
+
+def _eval_set(t: pa.Table) -> EvalSet:
+    kw: dict[str, Any] = {}
+    for name in t.column_names:
+        col = t.column(name).combine_chunks()
+        if name in _EVAL_RAGGED:
+            kw[name] = np.array(col.values.to_numpy(zero_copy_only=False))
+            kw[_EVAL_RAGGED[name]] = col.offsets.to_numpy().astype(np.int64)
+        else:
+            kw[name] = np.array(col.to_numpy(zero_copy_only=False))
+    return EvalSet(**kw)
 
 
 def _sha256(path: Path) -> str:

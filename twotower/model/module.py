@@ -28,7 +28,7 @@ class TwoTowerModule(pl.LightningModule):
     """Two-tower retrieval model trained on sequences (a query at every position).
 
     The first block of arguments is the model config; the ``num_*``/``max_genres`` sizes come
-    from the data (linked from :class:`~twotower.data.datamodule.SessionDataModule` by the CLI)
+    from the data (linked from :class:`~twotower.data.datamodule.TwoTowerDataModule` by the CLI)
     and are saved in the checkpoint, so :meth:`load_from_checkpoint` needs no data.
 
     Args:

@@ -1,36 +1,28 @@
-"""Export of models trained by the streaming DataModule: exact and hashed track vocabularies.
+"""Hashed track ids (``data.num_buckets``) through the one data path, streamed, and exported.
 
 The plays have planted structure: every listener loops through one "album" of tracks in a
-fixed order, so after a few tracks of an album the next one is the album's next track. One
-short epoch from Parquet (files and row groups cut inside listeners), then
-``export_checkpoint`` and the ``Retriever``: the planted next track must come back, ids must
-be raw track ids (hashed: through the same hash as training), and the manifest must describe
-the vocabulary.
+fixed order, so after a few tracks of an album the next one is the album's next track. The log
+is prepared once into blocks, one short epoch streams them, then ``export_checkpoint`` and the
+``Retriever``: the planted next track must come back, ids must be raw track ids (hashed: through
+the same hash as training), and the manifest must describe the vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from test_stream_module import write_plays
 
 from twotower.evaluate import write_split_recommendations
-from twotower.export import (
-    HASHED_FORMAT_VERSION,
-    ArtifactError,
-    export_checkpoint,
-    is_streaming_checkpoint,
-    read_manifest,
-)
+from twotower.export import HASHED_FORMAT_VERSION, export_checkpoint, read_manifest
 from twotower.ids import HashVocab
 from twotower.retrieve import Retriever
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
 ALBUMS, TRACKS, PLAYS = 6, 8, 24
 BUCKETS = 4096
 
@@ -52,25 +44,28 @@ def album_plays(n_users: int = 360, seed: int = 0) -> pd.DataFrame:
 
 
 def train_and_export(tmp: Path, num_buckets: int | None, raw_ids: bool = True) -> Path:
-    """One epoch with configs/streaming.yaml from Parquet, export of the last checkpoint."""
+    """One streamed epoch over the prepared album plays, export of the last checkpoint."""
     from twotower.train import fit
 
-    plays_dir = write_plays(tmp / "plays", album_plays())
-    trainer, _, _ = fit(
-        [REPO / "configs" / "streaming.yaml"],
+    (tmp / "plays").mkdir()
+    album_plays().to_parquet(tmp / "plays" / "part-0.parquet", index=False)
+    trainer, _, dm = fit(
+        [TINY],
         {
-            "data.path": str(plays_dir),
+            "data.format": "parquet",
+            "data.path": str(tmp / "plays"),
+            "data.options": None,
+            "data.cache_dir": str(tmp / "cache"),
+            "data.sequence_by": "user",
             "data.num_buckets": num_buckets,
-            "data.batch_rows": 256,
+            "data.streaming": True,
+            "data.block_rows": 500,
+            "data.shuffle_blocks": 4,
+            "data.batch_size": 32,
             "data.window": 8,
-            "data.val_fraction": 0.1,
-            "data.test_fraction": 0.05,
-            "data.shuffle_batches": 4,
             "trainer.max_epochs": 1,
             "trainer.default_root_dir": str(tmp),
             "trainer.logger": False,
-            "trainer.enable_progress_bar": False,
-            "trainer.enable_model_summary": False,
             "checkpoint.dirpath": str(tmp / "ckpt"),
             "model.dim": 32,
             "model.id_dim": 32,
@@ -79,10 +74,17 @@ def train_and_export(tmp: Path, num_buckets: int | None, raw_ids: bool = True) -
             "model.lr": 0.01,
         },
     )
+    assert dm.data.train_sequences is None and len(dm.data.blocks) > 4  # streamed blocks
     ckpt = trainer.checkpoint_callback.last_model_path
     assert ckpt
     return export_checkpoint(
-        ckpt, str(tmp / "art"), index="Flat", progress=False, device="cpu", raw_ids=raw_ids
+        ckpt,
+        str(tmp / "art"),
+        index="Flat",
+        progress=False,
+        device="cpu",
+        raw_ids=raw_ids,
+        users=True,
     )
 
 
@@ -113,39 +115,24 @@ def hashed_art(tmp_path_factory) -> Path:
     return train_and_export(tmp_path_factory.mktemp("hashed"), BUCKETS)
 
 
-def test_exact_vocabulary_exports_raw_ids(exact_art) -> None:
+def test_exact_vocabulary_exports_raw_ids(exact_art, tmp_path) -> None:
     m = read_manifest(exact_art)
     assert m["item_vocab"] == {"kind": "exact"}
     assert m["format_version"] == "1.0"
-    assert m["data"]["datamodule_class"].endswith("StreamingSessionDataModule")
+    assert m["data"]["datamodule_class"].endswith("TwoTowerDataModule")
     r = Retriever.load(exact_art)
     assert sorted(r.ids) == sorted({track(a, p) for a in range(ALBUMS) for p in range(TRACKS)})
     items = pd.read_parquet(exact_art / "items.parquet")
-    assert items["plays"].sum() > 0  # training positives of held-in listeners
+    assert items["plays"].sum() > 0
     assert_planted_next_track(r)
     assert len(r.similar_tracks(track(2, 3), k=3)) == 3
     rec = r.recommend(["nope", track(1, 0)], k=3)
     assert rec.unknown == ["nope"]
     holdout = pd.read_parquet(exact_art / "holdout.parquet")
     assert len(holdout) and holdout["target"].isin(r.ids).all()
-    with pytest.raises(ArtifactError, match="not supported for a model trained from a stream"):
-        write_split_recommendations(r, exact_art.parent / "split.parquet")
-    # a changed Parquet file is named as such (the fingerprint covers sizes and mtimes)
-    part = Path(m["data"]["datamodule"]["path"]) / "part-0.parquet"
-    os.utime(part, ns=(part.stat().st_atime_ns, part.stat().st_mtime_ns + 10**9))
-    with pytest.raises(ArtifactError, match="the data changed since training"):
-        export_checkpoint(m["checkpoint"]["file"], str(exact_art.parent / "art2"), progress=False)
-
-
-def test_streaming_checkpoint_detection() -> None:
-    assert is_streaming_checkpoint(
-        {"_class_path": "twotower.data.stream_module.StreamingSessionDataModule", "path": "p"}
-    )
-    assert is_streaming_checkpoint({"path": "p", "batch_rows": 8})  # without LightningCLI
-    assert not is_streaming_checkpoint(
-        {"_class_path": "twotower.data.datamodule.SessionDataModule", "path": "p"}
-    )
-    assert not is_streaming_checkpoint({"source": "synthetic", "batch_size": 8})
+    assert (exact_art / "user_embeddings.npy").is_file()  # listener vectors of a streamed run
+    n = write_split_recommendations(r, tmp_path / "split.parquet")
+    assert n == 360 == pd.read_parquet(tmp_path / "split.parquet")["query"].nunique()
 
 
 def test_hashed_vocabulary_one_row_per_bucket_real_ids(hashed_art, capsys) -> None:
