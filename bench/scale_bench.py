@@ -1,4 +1,4 @@
-"""Scale benchmarks: streaming preprocessing of tens of millions of plays, FAISS IVF-PQ at 10M.
+"""Scale benchmarks: preparing and streaming tens of millions of plays, FAISS IVF-PQ at 10M.
 
 Subcommands (each prints a Markdown table and writes JSON to ``bench/out/``):
 
@@ -7,16 +7,18 @@ Subcommands (each prints a Markdown table and writes JSON to ``bench/out/``):
 ``synthetic``  the synthetic generator's plays (planted taste clusters, sessions, skips;
                ``--rows`` of them) sorted by user and time, in files of 1M rows, row groups of
                100k: the input of ``configs/streaming.yaml``.
-``train-rss``  peak RSS and time of streaming *training* (``train.fit`` with
-               ``configs/streaming.yaml``: the setup pass over every row, then
-               ``--steps`` training batches) against ``chunk_rows``, hashed and exact
-               vocabularies, each in a fresh process with one thread; the in-memory
-               ``SessionDataModule`` on the same file for contrast.
-``stream``     peak RSS and time of streaming preprocessing (exact vocabulary via
-               :func:`stream_vocab`, hashed counts via :func:`stream_bucket_counts`) and of a
-               full pass through ``ParquetStream`` + ``DataLoader`` (2 workers) with hashed ids
-               and a training step of a hashed-embedding model, for several chunk sizes; each
-               measurement runs in a fresh process; the in-memory pandas baseline for contrast.
+``prepare``    time and peak RSS of preparing a Parquet play-log folder (``prepare_data``:
+               format ``parquet``, user sequences, leave-last-out, the training plays written
+               as blocks of ``--block-rows``) into a prepared folder, then of loading it again
+               from that cache (header, items and evaluation sets; the training plays stay on
+               disk), each in a fresh process; rows, blocks and bytes of the folder.
+``train-rss``  peak RSS and time of *training* (``train.fit`` with ``configs/streaming.yaml``,
+               the model shrunk) from one prepared folder, made first in its own process (not
+               counted), then one fresh single-threaded process per mode: ``streamed`` (the
+               training plays read block by block: memory ~ ``--block-rows`` x
+               ``--shuffle-blocks``), ``streamed-hashed`` (and ``--buckets`` hashed track ids;
+               only when ``data.num_buckets`` exists) and ``in-memory`` (every training play
+               loaded), for ``--steps`` batches (0: a full epoch).
 ``flops``      FLOPs per training example of the real model (torch's flop counter) and the
                CPU step time, for sizing training on GPUs.
 ``ivfpq``      FAISS IVF-PQ over ``--items`` (default 10M) synthetic 64-d vectors with planted
@@ -26,7 +28,7 @@ Subcommands (each prints a Markdown table and writes JSON to ``bench/out/``):
 Example (what the README's Scaling section quotes)::
 
     python bench/scale_bench.py generate --out /tmp/plays --rows 30000000
-    python bench/scale_bench.py stream --data /tmp/plays
+    python bench/scale_bench.py prepare --data /tmp/plays
     python bench/scale_bench.py ivfpq --items 10000000
     python bench/scale_bench.py synthetic --out /tmp/plays-synth --rows 3000000
     python bench/scale_bench.py train-rss --data /tmp/plays-synth
@@ -38,17 +40,21 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parents[1]
+STREAMING_CONFIG = REPO / "configs" / "streaming.yaml"
 GiB = 1 << 30
 MiB = 1 << 20
-TRAIN_ROWS = 3_000_000  # rows trained on by the "train" measurement
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def peak_rss() -> int:
@@ -56,9 +62,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def children_peak_rss() -> int:
-    """Largest peak RSS among finished child processes (bytes)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+def _rss() -> int:
+    """Resident memory of this process now (bytes; the peak where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss()
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -73,6 +83,28 @@ def save(name: str, payload: dict) -> Path:
     path = OUT / f"scale_{name}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def _child(args: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``scale_bench.py ARGS`` in a fresh process; its last stdout line is a JSON row."""
+    res = subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if res.returncode != 0:
+        print(res.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed (exit {res.returncode})")
+    row = json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _folder_bytes(folder: Path) -> tuple[int, int]:
+    """Bytes and number of the files under ``folder``."""
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -113,136 +145,84 @@ def generate(out: Path, rows: int, users: int, tracks: int, seed: int) -> dict:
     return res
 
 
-# ---------------------------------------------------------------------------------- streaming
-def _one_stream(data: Path, mode: str, chunk: int, buckets: int) -> dict:
-    """One measurement in this (fresh) process; returns time and peak RSS."""
-    import torch  # noqa: F401  (imported by the streaming module anyway: counted in the baseline)
+# ---------------------------------------------------------------------------------- prepare
+def _prepare_one(data_args: dict, phase: str) -> dict:
+    """``prepare_data`` in this (fresh) process; returns time, peak RSS and the folder's size.
 
-    from twotower.data.streaming import stream_bucket_counts, stream_vocab
-    from twotower.ids import HashVocab
+    ``data_args``: either DataConfig fields (``{"fields": {...}}``) or a config file plus data
+    overrides (``{"config": FILE, "overrides": {...}}``, read as ``train.py fit`` reads them,
+    so the folder is the one that training then finds).
+    """
+    from twotower.data.pipeline import DataConfig, cache_path, prepare_data
 
+    if "fields" in data_args:
+        cfg = DataConfig(**data_args["fields"])
+    else:  # the training CLI's parser (it imports Lightning: counted in the baseline)
+        from twotower.config import load_data_config
+
+        cfg = load_data_config([data_args["config"]], data_args["overrides"])
+    folder = cache_path(cfg)
+    assert folder is not None
+    existed = folder.exists()
     base = _rss()
     t0 = time.perf_counter()
-    out: dict = {"mode": mode, "chunk_rows": chunk, "rss_after_imports_mib": round(base / MiB)}
-    if mode == "vocab":
-        vocab = stream_vocab(data, "track_id", chunk_rows=chunk)
-        out["distinct"] = len(vocab) - 2
-    elif mode == "hash":
-        counts = stream_bucket_counts(data, "track_id", HashVocab(buckets), chunk_rows=chunk)
-        out["rows"] = int(counts.sum())
-    elif mode == "pandas":
-        import pandas as pd
-
-        col = pd.read_parquet(data, columns=["track_id"])["track_id"]
-        out["distinct"] = int(col.value_counts().shape[0])
-    elif mode == "loader":
-        out.update(_loader_pass(data, chunk, buckets, train=False))
-    elif mode == "train":
-        out.update(_loader_pass(data, chunk, buckets, train=True, max_rows=TRAIN_ROWS))
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["peak_rss_mib"] = round(peak_rss() / MiB)
-    out["worker_peak_rss_mib"] = round(children_peak_rss() / MiB)
-    return out
-
-
-def _loader_pass(
-    data: Path,
-    chunk: int,
-    buckets: int,
-    train: bool,
-    max_rows: int | None = None,
-    dim: int = 32,
-    batch: int = 1024,
-) -> dict:
-    """Rows through ParquetStream + DataLoader(2 workers), ids hashed, optionally trained on.
-
-    ``train``: next-track prediction inside each chunk (previous play -> next play of the
-    same listener, in file order), in-batch softmax, one hashed table of ``buckets`` rows
-    (SparseAdam): memory is table + optimizer state + one chunk, whatever the data size.
-    ``max_rows`` stops early (the full 30M-row pass of the model takes long on 2 cores).
-    """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from twotower.data.streaming import ParquetStream
-    from twotower.ids import HashVocab
-
-    torch.manual_seed(0)
-    vocab = HashVocab(buckets)
-
-    def to_tensors(c: dict) -> dict:
-        return {
-            "users": torch.from_numpy(c["user_id"].astype(np.int64)),
-            "items": torch.from_numpy(vocab.lookup(c["track_id"])),
-        }
-
-    stream = ParquetStream(data, ["user_id", "track_id"], chunk_rows=chunk, transform=to_tensors)
-    loader = DataLoader(stream, batch_size=None, num_workers=2, prefetch_factor=2)
-    emb = torch.nn.Embedding(len(vocab), dim, sparse=True)
-    opt = torch.optim.SparseAdam(emb.parameters(), lr=1e-3)
-    rows = steps = 0
-    rss_trace = []
-    t0 = time.perf_counter()
-    for i, c in enumerate(loader):
-        users, items = c["users"], c["items"]
-        rows += len(items)
-        if i % 20 == 0:
-            rss_trace.append(round(_rss() / MiB))
-        if not train:
-            continue
-        same = users[1:] == users[:-1]  # consecutive plays of one listener
-        q_ids, t_ids = items[:-1][same], items[1:][same]
-        for s in range(0, len(q_ids), batch):
-            q = emb(q_ids[s : s + batch])  # [b, d]
-            t = emb(t_ids[s : s + batch])  # [b, d]
-            scores = q @ t.T  # [b, b]
-            loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(q)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            steps += 1
-        if max_rows is not None and rows >= max_rows:
-            break
+    prepared = prepare_data(cfg, log_report=False, in_memory=False)
+    seconds = time.perf_counter() - t0
+    size, files = _folder_bytes(folder)
     return {
-        "rows": rows,
-        "train_steps": steps,
-        "rows_per_s": round(rows / (time.perf_counter() - t0)),
-        "rss_mib_trace_every_20_chunks": rss_trace,
+        "phase": phase,
+        "found_cached": existed,
+        "seconds": round(seconds, 2),
+        "rows_read": int(prepared.report.rows_read),
+        "rows_kept": int(prepared.report.rows_kept),
+        "training_plays": int(sum(b.rows for b in prepared.blocks)),
+        "blocks": len(prepared.blocks),
+        "block_rows": cfg.block_rows,
+        "users": int(prepared.report.users),
+        "tracks": int(prepared.num_items - 2),
+        "folder_files": files,
+        "folder_bytes": size,
+        "folder_mib": round(size / MiB, 1),
+        "folder": str(folder),
+        "rss_after_imports_mib": round(base / MiB),
+        "peak_rss_mib": round(peak_rss() / MiB),
     }
 
 
-def _rss() -> int:
-    from twotower.data.streaming import rss_bytes
-
-    return rss_bytes()
-
-
-def stream_bench(data: Path, chunks: list[int], buckets: int, loader_chunks: list[int]) -> dict:
-    plan = [("pandas", 0)]
-    plan += [(m, c) for c in chunks for m in ("vocab", "hash")]
-    plan += [(m, c) for c in loader_chunks for m in ("loader", "train")]
-    results = []
-    for mode, chunk in plan:
-        cmd = [sys.executable, __file__, "_stream_one", "--data", str(data), "--mode", mode]
-        cmd += ["--chunk", str(chunk), "--buckets", str(buckets)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(f"{mode} chunk {chunk} failed")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    cols = [
-        "mode",
-        "chunk_rows",
-        "seconds",
-        "rss_after_imports_mib",
-        "peak_rss_mib",
-        "worker_peak_rss_mib",
-        "rows_per_s",
-    ]
+def prepare_bench(data: Path, block_rows: int, cache_dir: Path | None) -> dict:
+    """Prepare ``data`` cold, then load the prepared folder cached; a fresh process each."""
+    tmp = cache_dir is None
+    cache = Path(tempfile.mkdtemp(prefix="scale_prepare_")) if tmp else cache_dir
+    fields = {
+        "format": "parquet",
+        "path": str(data),
+        "sequence_by": "user",
+        "cache_dir": str(cache),
+        "block_rows": block_rows,
+    }
+    input_bytes, input_files = _folder_bytes(data) if data.is_dir() else (data.stat().st_size, 1)
+    try:
+        results = []
+        for phase in ("prepare", "cached"):
+            arg = json.dumps({"fields": fields})
+            results.append(_child(["_prepare_one", "--data-args", arg, "--phase", phase], phase))
+    finally:
+        if tmp:
+            shutil.rmtree(cache, ignore_errors=True)
+    if results[0]["found_cached"] or not results[1]["found_cached"]:
+        print("warning: the cold run found a cache, or the cached run did not", file=sys.stderr)
+    cols = ["phase", "seconds", "rss_after_imports_mib", "peak_rss_mib", "rows_read"]
+    cols += ["training_plays", "blocks", "tracks", "folder_files", "folder_mib"]
+    print(f"input: {input_files} files, {input_bytes / MiB:.1f} MiB")
     print(table(results, cols))
-    return {"data": str(data), "buckets": buckets, "results": results}
+    return {
+        "data": str(data),
+        "input_files": input_files,
+        "input_bytes": input_bytes,
+        "block_rows": block_rows,
+        "load_average": os.getloadavg(),
+        "results": results,
+    }
 
 
 # ---------------------------------------------------------------------------------- training
@@ -274,10 +254,31 @@ def write_synthetic(out: Path, rows: int, seed: int, per_file: int = 1_000_000) 
     return res
 
 
-def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, buckets: int):
-    """One training run in this (fresh) process: the data pass, then ``steps`` batches."""
-    import tempfile
+TRAIN_MODES = ("streamed", "streamed-hashed", "in-memory")
 
+
+def _data_overrides(
+    data: Path, cache: Path, mode: str, batch_size: int, block_rows: int, shuffle: int, buckets: int
+) -> dict:
+    """The ``data.*`` overrides of a training mode (all else from ``configs/streaming.yaml``)."""
+    out = {
+        "data.format": "parquet",
+        "data.path": str(data),
+        "data.cache_dir": str(cache),
+        "data.window": 50,
+        "data.batch_size": batch_size,
+        "data.block_rows": block_rows,
+        "data.shuffle_blocks": shuffle,
+        "data.streaming": mode != "in-memory",
+        "data.num_workers": 0,
+    }
+    if mode == "streamed-hashed":
+        out["data.num_buckets"] = buckets
+    return out
+
+
+def _train_one(data_overrides: dict, mode: str, steps: int) -> dict:
+    """One training run in this (fresh) process from the prepared folder: ``steps`` batches."""
     import torch
 
     torch.set_num_threads(1)
@@ -286,11 +287,14 @@ def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, b
     from twotower.train import fit
 
     class RssProbe(pl.Callback):
-        """Peak RSS when training starts (the data pass) and RSS every 50 batches."""
+        """Peak RSS when training starts, RSS every 50 batches, examples/s after batch 0."""
 
         def __init__(self) -> None:
             self.at_start = 0
             self.trace: list[int] = []
+            self.examples = 0
+            self.t0: float | None = None
+            self.t1: float | None = None
 
         def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             self.at_start = round(peak_rss() / MiB)
@@ -298,11 +302,18 @@ def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, b
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             if batch_idx % 50 == 0:
                 self.trace.append(round(_rss() / MiB))
+            now = time.perf_counter()
+            if self.t0 is None:  # batch 0 (first reads, lazy set-up) is not timed
+                self.t0 = now
+            else:
+                self.examples += int(getattr(module, "_examples", 0))
+                self.t1 = now
 
     probe = RssProbe()
-    repo = Path(__file__).resolve().parents[1]
     base = _rss()
-    common = {
+    root = tempfile.mkdtemp(prefix="scale_train_")
+    overrides = {
+        **data_overrides,
         "trainer.max_epochs": 1,
         "trainer.limit_train_batches": steps if steps > 0 else 1.0,
         "trainer.limit_val_batches": 0,
@@ -310,7 +321,7 @@ def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, b
         "trainer.enable_checkpointing": False,
         "trainer.enable_progress_bar": False,
         "trainer.enable_model_summary": False,
-        "trainer.default_root_dir": tempfile.mkdtemp(),
+        "trainer.default_root_dir": root,
         "model.dim": 32,
         "model.id_dim": 32,
         "model.num_layers": 1,
@@ -318,35 +329,22 @@ def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, b
         "model.projector_items": 0,
     }
     t0 = time.perf_counter()
-    if mode == "in-memory":
-        overrides = {
-            **common,
-            "data.format": "parquet",
-            "data.path": str(data),
-            "data.cache_dir": None,
-            "data.window": 50,
-            "data.batch_size": max(batch_rows // 50, 1),
-        }
-        trainer, _, dm = fit([], overrides, callbacks=[probe])
-        rows = int(dm.data.report.rows_read)
-    else:
-        overrides = {
-            **common,
-            "data.path": str(data),
-            "data.chunk_rows": chunk,
-            "data.batch_rows": batch_rows,
-            "data.num_buckets": buckets if mode == "hashed" else None,
-        }
-        trainer, _, dm = fit([repo / "configs" / "streaming.yaml"], overrides, callbacks=[probe])
-        rows = int(dm.data.stats["rows"])
+    try:
+        trainer, _, dm = fit([STREAMING_CONFIG], overrides, callbacks=[probe])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    seconds = time.perf_counter() - t0
+    timed = probe.t1 - probe.t0 if probe.t0 is not None and probe.t1 is not None else 0.0
     return {
         "mode": mode,
-        "chunk_rows": chunk if mode != "in-memory" else "all",
-        "batch_rows": batch_rows,
-        "rows_read": rows,
+        "streaming": bool(dm.streaming),
+        "num_buckets": data_overrides.get("data.num_buckets", ""),
+        "blocks": len(dm.data.blocks),
+        "rows_read": int(dm.data.report.rows_read),
         "num_items": int(dm.num_items),
         "train_steps": int(trainer.global_step),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(seconds, 1),
+        "examples_per_s": round(probe.examples / timed) if timed > 0 else "",
         "rss_after_imports_mib": round(base / MiB),
         "peak_rss_before_training_mib": probe.at_start,
         "peak_rss_mib": round(peak_rss() / MiB),
@@ -354,35 +352,75 @@ def _train_one(data: Path, mode: str, chunk: int, batch_rows: int, steps: int, b
     }
 
 
+def hashing_supported() -> bool:
+    """Whether ``data.num_buckets`` (hashed track ids) exists in this checkout."""
+    code = (
+        "import inspect; from twotower.data.pipeline import DataConfig; DataConfig(num_buckets=8);"
+        "from twotower.data.datamodule import TwoTowerDataModule as M;"
+        "assert 'num_buckets' in inspect.signature(M.__init__).parameters"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO)
+    return res.returncode == 0
+
+
 def train_rss_bench(
-    data: Path, chunks: list[int], batch_rows: int, steps: int, buckets: int, baseline: bool
+    data: Path,
+    steps: int,
+    batch_size: int,
+    block_rows: int,
+    shuffle_blocks: int,
+    buckets: int,
+    modes: list[str],
+    cache_dir: Path | None,
 ) -> dict:
-    plan = [("hashed", c, steps) for c in chunks] + [("exact", chunks[len(chunks) // 2], steps)]
-    plan.append(("hashed", chunks[len(chunks) // 2], 0))  # one full epoch
-    if baseline:
-        plan.append(("in-memory", 0, steps))
-    results = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for mode, chunk, n_steps in plan:
-        cmd = [sys.executable, __file__, "_train_one", "--data", str(data), "--mode", mode]
-        cmd += ["--chunk", str(chunk), "--batch-rows", str(batch_rows), "--steps", str(n_steps)]
-        cmd += ["--buckets", str(buckets)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if res.returncode != 0:
-            print(res.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{mode} chunk {chunk} failed")
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    cols = ["mode", "chunk_rows", "train_steps", "seconds", "rss_after_imports_mib"]
-    cols += ["peak_rss_before_training_mib", "peak_rss_mib"]
+    """Prepare once (not counted), then train each mode in a fresh single-threaded process."""
+    if "streamed-hashed" in modes and not hashing_supported():
+        print("data.num_buckets is not available here: skipping streamed-hashed", file=sys.stderr)
+        modes = [m for m in modes if m != "streamed-hashed"]
+    tmp = cache_dir is None
+    cache = Path(tempfile.mkdtemp(prefix="scale_train_rss_")) if tmp else cache_dir
+    prepared, results = [], []
+    try:
+        for mode in modes:
+            over = _data_overrides(
+                data, cache, mode, batch_size, block_rows, shuffle_blocks, buckets
+            )
+            # the folder training reads (parsed from the same config and overrides, so the same
+            # fingerprint); a mode whose data options give the same folder finds it prepared
+            arg = json.dumps({"config": str(STREAMING_CONFIG), "overrides": over})
+            row = _child(["_prepare_one", "--data-args", arg, "--phase", mode], f"prepare {mode}")
+            prepared.append(row)
+            before = {p: p.stat().st_mtime_ns for p in cache.glob("*/header.json")}
+            arg = json.dumps(over)
+            row = _child(
+                ["_train_one", "--data-overrides", arg, "--mode", mode, "--steps", str(steps)],
+                f"train {mode}",
+                env=ONE_THREAD,
+            )
+            after = {p: p.stat().st_mtime_ns for p in cache.glob("*/header.json")}
+            if after != before:
+                raise SystemExit(f"{mode}: training prepared the data again (cache miss)")
+            results.append(row)
+    finally:
+        if tmp:
+            shutil.rmtree(cache, ignore_errors=True)
+    cols = ["phase", "found_cached", "seconds", "peak_rss_mib", "rows_read", "training_plays"]
+    cols += ["blocks", "folder_mib"]
+    print("preparation (not part of the training runs):")
+    print(table(prepared, cols))
+    cols = ["mode", "train_steps", "seconds", "examples_per_s", "rss_after_imports_mib"]
+    cols += ["peak_rss_before_training_mib", "peak_rss_mib", "rss_mib_every_50_batches"]
     print(table(results, cols))
     return {
         "data": str(data),
-        "buckets": buckets,
-        "batch_rows": batch_rows,
         "steps": steps,
+        "batch_size": batch_size,
+        "window": 50,
+        "block_rows": block_rows,
+        "shuffle_blocks": shuffle_blocks,
+        "buckets": buckets,
         "load_average": os.getloadavg(),
+        "prepared": prepared,
         "results": results,
     }
 
@@ -405,11 +443,10 @@ def synthetic_vectors(n: int, dim: int, clusters: int, seed: int, block: int = 1
 def ivfpq_bench(n: int, dim: int, spec: str, queries: int, clusters: int) -> dict:
     import faiss
 
-    from twotower.data.streaming import rss_bytes
     from twotower.index import build_index, recall_at_k, set_search_param
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    rss0 = rss_bytes()
+    rss0 = _rss()
     t0 = time.perf_counter()
     x, _ = synthetic_vectors(n, dim, clusters, seed=0)
     gen_s = time.perf_counter() - t0
@@ -421,7 +458,7 @@ def ivfpq_bench(n: int, dim: int, spec: str, queries: int, clusters: int) -> dic
     t0 = time.perf_counter()
     _, exact = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)
     exact_s = time.perf_counter() - t0
-    rss_vectors = rss_bytes()
+    rss_vectors = _rss()
 
     t0 = time.perf_counter()
     index = build_index(x, spec, "ip")
@@ -436,7 +473,7 @@ def ivfpq_bench(n: int, dim: int, spec: str, queries: int, clusters: int) -> dic
     np.save(raw, x, allow_pickle=False)
     del x
     x = np.load(raw, mmap_mode="r", allow_pickle=False)
-    rss_index = rss_bytes()
+    rss_index = _rss()
 
     rows = []
     for nprobe in (1, 4, 8, 16, 32, 64):
@@ -539,17 +576,18 @@ def flops_bench(batch: int, window: int, negatives: int, dim: int, steps: int) -
         dropout=0.1,
     )
     module.loss_fn.set_counts(np.ones(n_items))
-    items = torch.randint(2, n_items, (batch, window + 1))  # [B, L+1] full windows
     zeros = torch.zeros(batch, window + 1, dtype=torch.long)
+    windows = {  # a training batch of full windows, hour and context unknown
+        "items": torch.randint(2, n_items, (batch, window + 1)),  # [B, L+1]
+        "hours": zeros - 1,  # [B, L+1]
+        "contexts": zeros,  # [B, L+1]
+        "users": torch.zeros(batch, dtype=torch.long),  # [B]
+    }
 
     def step() -> int:
-        inputs, targets = items[:, :-1], items[:, 1:]
-        queries = module.query_tower.forward_sequence(inputs, None, zeros[:, 1:] - 1, zeros[:, 1:])
-        valid = (inputs != 0) & (targets > 1)  # [B, L]
-        neg = module.loss_fn.sample_negatives()
-        loss = module.loss_fn(queries[valid], targets[valid], module.item_tower, neg)
+        loss, examples = module.sequence_loss(windows)  # the training step's loss
         loss.backward()
-        return int(valid.sum())
+        return examples
 
     with FlopCounterMode(display=False) as counter:
         examples = step()
@@ -577,48 +615,45 @@ def flops_bench(batch: int, window: int, negatives: int, dim: int, steps: int) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate")
+    shown = "{generate,synthetic,prepare,train-rss,ivfpq,flops}"
+    sub = p.add_subparsers(dest="cmd", required=True, metavar=shown)
+    g = sub.add_parser("generate", help="a Zipf-popular Parquet play log")
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--rows", type=int, default=30_000_000)
     g.add_argument("--users", type=int, default=1_000_000)
     g.add_argument("--tracks", type=int, default=2_000_000)
     g.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("stream")
-    s.add_argument("--data", type=Path, required=True)
-    s.add_argument("--chunks", default="16384,262144,1048576")
-    s.add_argument("--loader-chunks", default="65536,1048576")
-    s.add_argument("--buckets", type=int, default=1 << 20)
-    one = sub.add_parser("_stream_one")
-    one.add_argument("--data", type=Path, required=True)
-    one.add_argument("--mode", required=True)
-    one.add_argument("--chunk", type=int, required=True)
-    one.add_argument("--buckets", type=int, required=True)
-    y = sub.add_parser("synthetic")
+    y = sub.add_parser("synthetic", help="the synthetic generator's plays as Parquet")
     y.add_argument("--out", type=Path, required=True)
     y.add_argument("--rows", type=int, default=3_000_000)
     y.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("train-rss")
-    t.add_argument("--data", type=Path, required=True)
-    t.add_argument("--chunks", default="16384,65536,262144")
-    t.add_argument("--batch-rows", type=int, default=4096)
-    t.add_argument("--steps", type=int, default=200)  # 0 = a full epoch
-    t.add_argument("--buckets", type=int, default=1 << 16)
-    t.add_argument("--no-baseline", action="store_true")
+    r = sub.add_parser("prepare", help="prepare a Parquet play log, then load it cached")
+    r.add_argument("--data", type=Path, required=True, help="Parquet play-log file or folder")
+    r.add_argument("--block-rows", type=int, default=262_144)
+    r.add_argument("--cache-dir", type=Path, default=None, help="kept (default: a temp folder)")
+    r1 = sub.add_parser("_prepare_one")
+    r1.add_argument("--data-args", required=True)
+    r1.add_argument("--phase", required=True)
+    t = sub.add_parser("train-rss", help="training memory: streamed vs in memory")
+    t.add_argument("--data", type=Path, required=True, help="Parquet play-log file or folder")
+    t.add_argument("--steps", type=int, default=200, help="batches per mode (0: a full epoch)")
+    t.add_argument("--batch-size", type=int, default=128, help="training windows per batch")
+    t.add_argument("--block-rows", type=int, default=65_536)
+    t.add_argument("--shuffle-blocks", type=int, default=4)
+    t.add_argument("--buckets", type=int, default=1 << 16, help="streamed-hashed: num_buckets")
+    t.add_argument("--modes", default=",".join(TRAIN_MODES))
+    t.add_argument("--cache-dir", type=Path, default=None, help="kept (default: a temp folder)")
     t1 = sub.add_parser("_train_one")
-    t1.add_argument("--data", type=Path, required=True)
+    t1.add_argument("--data-overrides", required=True)
     t1.add_argument("--mode", required=True)
-    t1.add_argument("--chunk", type=int, required=True)
-    t1.add_argument("--batch-rows", type=int, required=True)
     t1.add_argument("--steps", type=int, required=True)
-    t1.add_argument("--buckets", type=int, required=True)
-    v = sub.add_parser("ivfpq")
+    v = sub.add_parser("ivfpq", help="FAISS IVF-PQ at 10M items")
     v.add_argument("--items", type=int, default=10_000_000)
     v.add_argument("--dim", type=int, default=64)
     v.add_argument("--spec", default="IVF4096,PQ32")
     v.add_argument("--queries", type=int, default=1000)
     v.add_argument("--clusters", type=int, default=20_000)
-    f = sub.add_parser("flops")
+    f = sub.add_parser("flops", help="FLOPs per training example")
     f.add_argument("--batch", type=int, default=256)
     f.add_argument("--window", type=int, default=50)
     f.add_argument("--negatives", type=int, default=8192)
@@ -627,23 +662,32 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "generate":
         save("generate", generate(a.out, a.rows, a.users, a.tracks, a.seed))
-    elif a.cmd == "stream":
-        chunks = [int(c) for c in a.chunks.split(",")]
-        loader_chunks = [int(c) for c in a.loader_chunks.split(",") if c]
-        save("stream", stream_bench(a.data, chunks, a.buckets, loader_chunks))
-    elif a.cmd == "_stream_one":
-        print(json.dumps(_one_stream(a.data, a.mode, a.chunk, a.buckets)))
     elif a.cmd == "synthetic":
         save("synthetic", write_synthetic(a.out, a.rows, a.seed))
+    elif a.cmd == "prepare":
+        save("prepare", prepare_bench(a.data, a.block_rows, a.cache_dir))
+    elif a.cmd == "_prepare_one":
+        print(json.dumps(_prepare_one(json.loads(a.data_args), a.phase)))
     elif a.cmd == "train-rss":
-        chunks = [int(c) for c in a.chunks.split(",")]
+        modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+        unknown = sorted(set(modes) - set(TRAIN_MODES))
+        if unknown:
+            p.error(f"--modes: unknown {unknown}, expected some of {list(TRAIN_MODES)}")
         save(
             "train_rss",
-            train_rss_bench(a.data, chunks, a.batch_rows, a.steps, a.buckets, not a.no_baseline),
+            train_rss_bench(
+                a.data,
+                a.steps,
+                a.batch_size,
+                a.block_rows,
+                a.shuffle_blocks,
+                a.buckets,
+                modes,
+                a.cache_dir,
+            ),
         )
     elif a.cmd == "_train_one":
-        row = _train_one(a.data, a.mode, a.chunk, a.batch_rows, a.steps, a.buckets)
-        print(json.dumps(row))
+        print(json.dumps(_train_one(json.loads(a.data_overrides), a.mode, a.steps)))
     elif a.cmd == "flops":
         save("flops", flops_bench(a.batch, a.window, a.negatives, a.dim, a.steps))
     elif a.cmd == "ivfpq":
