@@ -65,7 +65,7 @@ def _all_windows(data: PreparedData, window: int = 20) -> Counter:
 
 # ------------------------------------------------------------------------ one split, one order
 def test_small_and_streamed_share_split_vocabulary_and_batches(cache):
-    small, streamed = _dm(cache), _dm(cache, streaming=True)
+    small, streamed = _dm(cache, streaming=False), _dm(cache, streaming=True)
     a, b = small.data, streamed.data
     assert b.train_sequences is None and all(blk.file is not None for blk in b.blocks)
     assert a.fingerprint == b.fingerprint and list(a.item_vocab.ids) == list(b.item_vocab.ids)
@@ -81,6 +81,25 @@ def test_small_and_streamed_share_split_vocabulary_and_batches(cache):
     for epoch in (0, 1):  # one buffer holds every block: the same global shuffle
         _same_batches(_epoch(small._train, epoch), _epoch(streamed._train, epoch))
     assert _rows(_epoch(small._train, 0)[0]) != _rows(_epoch(small._train, 1)[0])
+
+
+def test_in_memory_and_streamed_give_the_same_batches_over_several_buffers(cache):
+    small = _dm(cache, streaming=False, shuffle_blocks=3)
+    streamed = _dm(cache, streaming=True, shuffle_blocks=3)
+    small.setup("fit")
+    streamed.setup("fit")
+    assert len(small.data.blocks) > 3 * 3  # several buffers
+    _same_batches(_epoch(small._train, 2), _epoch(streamed._train, 2))
+
+
+def test_auto_holds_one_buffer_in_memory_and_streams_more(cache):
+    rows = _dm(cache, streaming=True).data.train_rows
+    one_buffer = -(-rows // BLOCK_ROWS) + 1
+    assert not _dm(cache, shuffle_blocks=one_buffer).streamed  # streaming: auto (default)
+    assert _dm(cache, shuffle_blocks=2).streamed
+    assert not _dm(cache, cache_dir=None, shuffle_blocks=2).streamed  # nothing on disk
+    with pytest.raises(ValueError, match="data.streaming: expected true, false or auto"):
+        _dm(cache, streaming="sometimes")
 
 
 def test_streamed_buffers_see_every_window_once_per_epoch(cache):
@@ -274,3 +293,15 @@ def test_every_command_on_a_streamed_run(cache, tmp_path, monkeypatch):
     assert res.samples
     report = compare_runs(run, run, bootstrap=50)
     assert report is not None
+
+
+def test_a_model_of_a_prepared_folder_has_no_raw_logs_to_profile():
+    """drift and compare fall back to the raw-data config; a prepared folder has none, and
+    the defaults (the synthetic preset) must not silently stand in for it."""
+    from types import SimpleNamespace
+
+    from twotower.compare import data_config_of
+
+    side = SimpleNamespace(source="runs/x", data_config={"prepared": "/data/prep", "format": "x"})
+    with pytest.raises(ValueError, match=r"prepared folder \(data.prepared=/data/prep\)"):
+        data_config_of(side)

@@ -647,6 +647,12 @@ def data_config_of(side: ModelSide) -> Any:
 
     if not side.data_config:
         raise ValueError(f"{side.source}: records no data configuration; pass --data-config")
+    if side.data_config.get("prepared"):
+        raise ValueError(
+            f"{side.source}: trained from a prepared folder (data.prepared="
+            f"{side.data_config['prepared']}), whose raw logs are not known here; pass "
+            "--data-config with a config whose data section reads those logs"
+        )
     fields = DataConfig.__dataclass_fields__
     return DataConfig(**{k: v for k, v in side.data_config.items() if k in fields})
 

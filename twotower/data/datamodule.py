@@ -3,9 +3,10 @@
 One DataModule for every size. The data is prepared once (:func:`~twotower.data.pipeline.
 prepare_data`, or read from a folder another engine wrote in the same layout: ``prepared``), and
 training reads its blocks through :class:`~twotower.data.train_batches.TrainingBatches`: from
-memory by default, or one row group at a time from the Parquet files with ``streaming: true``
-(memory then follows ``block_rows x shuffle_blocks``, not the data). Both give the same batches
-when the data fits in one shuffle buffer.
+memory, or one row group at a time from the Parquet files (memory then follows ``block_rows x
+shuffle_blocks``, not the data). Both give the same batches: the blocks, their order and the
+shuffle buffers are the same; only where a block is read from differs. ``streaming: auto`` (the
+default) holds data of one shuffle buffer or less in memory and streams anything larger.
 
 Training: every training sequence (positive events only, or every play with the per-play
 signals) is cut, from its end backwards, into windows of ``window + 1`` items, left-padded with
@@ -111,8 +112,10 @@ class TwoTowerDataModule(pl.LightningDataModule):
         prepared: Read this prepared folder (written by :meth:`PreparedData.save` or by another
             engine in the same layout) instead of preparing ``path``; the options above are
             then ignored (the folder's header has its own).
-        streaming: Keep the training plays on disk and read them block by block (needs
-            ``cache_dir`` or ``prepared``); False holds them in memory.
+        streaming: ``true``: keep the training plays on disk and read them block by block
+            (needs ``cache_dir`` or ``prepared``); ``false``: hold them in memory; ``auto``:
+            in memory when they fit in one shuffle buffer (``block_rows x shuffle_blocks``
+            plays) or nothing is on disk, else streamed. The batches are the same either way.
         shuffle_blocks: Blocks shuffled together (the buffer); data of at most this many
             blocks is shuffled globally.
         batch_size: Training windows per batch (each gives up to ``window`` examples).
@@ -152,7 +155,7 @@ class TwoTowerDataModule(pl.LightningDataModule):
         block_rows: int = DEFAULT_BLOCK_ROWS,
         num_buckets: int | None = None,
         prepared: str | None = None,
-        streaming: bool = False,
+        streaming: bool | str = "auto",
         shuffle_blocks: int = 16,
         batch_size: int = 128,
         eval_batch_size: int = 512,
@@ -186,6 +189,8 @@ class TwoTowerDataModule(pl.LightningDataModule):
             num_buckets=num_buckets,
         )
         self.prepared = prepared
+        if streaming not in (True, False, "auto"):
+            raise ValueError(f"data.streaming: expected true, false or auto, got {streaming!r}")
         self.streaming = streaming
         if shuffle_blocks < 1:
             raise ValueError(f"data.shuffle_blocks must be >= 1, got {shuffle_blocks}")
@@ -215,14 +220,26 @@ class TwoTowerDataModule(pl.LightningDataModule):
         only when a caller needs them in memory (baselines, ``export --users``).
         """
         if self._data is None:
+            on_disk = self.prepared is not None or self.config.cache_dir is not None
+            in_memory = self.streaming is False or (self.streaming == "auto" and not on_disk)
             if self.prepared is not None:
                 try:
-                    self._data = PreparedData.load(self.prepared, train=not self.streaming)
+                    data = PreparedData.load(self.prepared, train=in_memory)
                 except ValueError as e:
                     raise DataError(f"data.prepared: {e}") from e
             else:
-                self._data = prepare_data(self.config, in_memory=not self.streaming)
+                data = prepare_data(self.config, in_memory=in_memory)
+            if self.streaming == "auto" and data.train_rows <= self.config.block_rows * (
+                self.shuffle_blocks
+            ):
+                data.hold_in_memory()
+            self._data = data
         return self._data
+
+    @property
+    def streamed(self) -> bool:
+        """Whether training reads its blocks from disk (else from memory)."""
+        return self.data.train_sequences is None
 
     @property
     def exclude_seen(self) -> bool:
@@ -283,7 +300,7 @@ class TwoTowerDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
-        if not self.streaming:
+        if not self.streamed:
             batches.warm()
         return batches
 

@@ -472,7 +472,7 @@ class PreparedData:
                 raise ValueError(f"{f}: missing or corrupt (size or checksum mismatch)")
         try:
             items = pd.read_parquet(path / "items.parquet")
-            evals = {n: _eval_set(pq.read_table(path / f"{n}.parquet")) for n in ("valid", "test")}
+            evals = {n: _eval_set(path / f"{n}.parquet") for n in ("valid", "test")}
         except (OSError, pa.ArrowException, KeyError) as e:
             raise ValueError(f"{path}: unreadable items or evaluation file ({e})") from e
         try:
@@ -505,17 +505,32 @@ class PreparedData:
             catalogue=catalogue,
         )
         if train:
-            try:
-                parts = [read_block(b) for b in blocks]
-            except (OSError, pa.ArrowException, TypeError) as e:
-                raise ValueError(f"{path / 'plays'}: unreadable training plays ({e})") from e
-            data.train_sequences = concat_sequences(parts)
-            sizes = np.cumsum([0] + [len(p) for p in parts])
-            data.blocks = [
-                Block(b.index, b.rows, seq_start=int(sizes[i]), seq_stop=int(sizes[i + 1]))
-                for i, b in enumerate(blocks)
-            ]
+            data.hold_in_memory()
         return data
+
+    @property
+    def train_rows(self) -> int:
+        """Training plays (rows of every block)."""
+        return sum(b.rows for b in self.blocks)
+
+    def hold_in_memory(self) -> None:
+        """Read every on-disk block into memory (the blocks become slices of :attr:`train`).
+
+        Raises:
+            ValueError: A play file is unreadable or has the wrong column types.
+        """
+        if self.train_sequences is not None:
+            return
+        try:
+            parts = [read_block(b) for b in self.blocks]
+        except (OSError, pa.ArrowException, TypeError) as e:
+            raise ValueError(f"unreadable training plays ({e})") from e
+        self.train_sequences = concat_sequences(parts)
+        sizes = np.cumsum([0] + [len(p) for p in parts])
+        self.blocks = [
+            Block(b.index, b.rows, seq_start=int(sizes[i]), seq_stop=int(sizes[i + 1]))
+            for i, b in enumerate(self.blocks)
+        ]
 
 
 # ---------------------------------------------------------------------------- on-disk tables
@@ -611,15 +626,19 @@ def _eval_table(es: EvalSet) -> pa.Table:
     return pa.table(cols)
 
 
-def _eval_set(t: pa.Table) -> EvalSet:
+def _eval_set(path: Path) -> EvalSet:
+    """An evaluation file, one column at a time (the Arrow buffers of one column at most)."""
+    pf = pq.ParquetFile(path)
     kw: dict[str, Any] = {}
-    for name in t.column_names:
-        col = t.column(name).combine_chunks()
+    for name in pf.schema_arrow.names:
+        col = pf.read(columns=[name]).column(0).combine_chunks()
         if name in _EVAL_RAGGED:
             kw[name] = np.array(col.values.to_numpy(zero_copy_only=False))
             kw[_EVAL_RAGGED[name]] = col.offsets.to_numpy().astype(np.int64)
         else:
             kw[name] = np.array(col.to_numpy(zero_copy_only=False))
+        del col
+        pa.default_memory_pool().release_unused()
     return EvalSet(**kw)
 
 
