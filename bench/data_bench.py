@@ -7,11 +7,12 @@ maximum from ``getrusage(RUSAGE_CHILDREN)``):
    layout, plus ``movies.dat``) generated into a temp dir: cold (goal < 10 s) and cached second
    load (goal < 1 s).
 2. ML-100K from ``../shared/data`` (skipped when absent): cold (goal < 2 s).
-3. 20M synthetic plays generated, sessionized and split (goal < 3 min, peak RSS < 6 GiB).
+3. 20M synthetic plays generated, sessionized and split (goal < 3 min, peak RSS < 6 GiB), in
+   memory only, and again with the prepared folder written (``cache_dir``).
 
 Usage::
 
-    python bench/data_bench.py [--repeats 3] [--plays 20000000] [--skip-20m]
+    python bench/data_bench.py [--repeats 3] [--plays 20000000] [--skip-20m] [--skip-small]
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plays", type=int, default=20_000_000)
     ap.add_argument("--skip-20m", action="store_true")
+    ap.add_argument("--skip-small", action="store_true", help="only the 20M cases")
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -170,70 +172,10 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="data_bench-"))
     try:
-        t0 = time.perf_counter()
-        # in a child, so this process stays small (a forked child's peak RSS counts the parent)
-        ml1m = tmp / "ml-1m"
-        subprocess.run([sys.executable, __file__, "--write-ml1m", str(ml1m)], check=True)
-        print(f"wrote ML-1M-sized files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        cache = tmp / "cache"
-        spec = {"format": "movielens", "path": str(ml1m), "cache_dir": str(cache)}
-        cold, warm = [], []
-        for _ in range(args.repeats):
-            shutil.rmtree(cache, ignore_errors=True)
-            cold.append(run_case(spec))
-            warm.append(run_case(spec))
-        c0 = cold[0]
-        rows.append(
-            (
-                f"ML-1M-sized ratings.dat ({c0['rows']:,} rows, {c0['users']:,} users, "
-                f"{c0['tracks']:,} items), cold",
-                f"{_median(cold, 'seconds'):.2f} s (load {_median(cold, 'load_s'):.2f} s)",
-                f"{_median(cold, 'peak_rss_mib'):.0f} MiB",
-                "< 10 s",
-                f"{args.repeats}",
-            )
-        )
-        rows.append(
-            (
-                "ML-1M-sized, cached second load",
-                f"{_median(warm, 'seconds'):.3f} s",
-                f"{_median(warm, 'peak_rss_mib'):.0f} MiB",
-                "< 1 s",
-                f"{args.repeats}",
-            )
-        )
-        ml100k = SHARED / "ml-100k"
-        if ml100k.is_dir():
-            spec = {"format": "movielens", "path": str(ml100k), "cache_dir": None}
-            runs = [run_case(spec) for _ in range(args.repeats)]
-            rows.append(
-                (
-                    "ML-100K (shared/data), cold",
-                    f"{_median(runs, 'seconds'):.2f} s (load {_median(runs, 'load_s'):.2f} s)",
-                    f"{_median(runs, 'peak_rss_mib'):.0f} MiB",
-                    "< 2 s",
-                    f"{args.repeats}",
-                )
-            )
-        else:
-            rows.append(("ML-100K", f"skipped: {ml100k} not found", "", "< 2 s", "0"))
+        if not args.skip_small:
+            _small_cases(tmp, args.repeats, rows)
         if not args.skip_20m:
-            spec = {
-                "format": "synthetic",
-                "options": {"preset": "default", "n_plays": args.plays},
-                "cache_dir": None,
-            }
-            r = run_case(spec)
-            rows.append(
-                (
-                    f"synthetic {r['rows'] / 1e6:.1f}M plays ({r['users']:,} users, "
-                    f"{r['sessions']:,} sessions): generate + sessionize + split",
-                    f"{r['seconds']:.1f} s (generate {r['load_s']:.1f} s)",
-                    f"{r['peak_rss_mib'] / 1024:.2f} GiB",
-                    "< 3 min, < 6 GiB",
-                    "1",
-                )
-            )
+            _large_cases(tmp, args.plays, rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -245,6 +187,81 @@ def main() -> None:
         f"\nTimes are prepare_data() inside a fresh process (imports excluded); "
         f"machine: {os.cpu_count()} CPUs, shared with other work while measured."
     )
+
+
+def _small_cases(tmp: Path, repeats: int, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """ML-1M-sized cold and cached, ML-100K cold."""
+    t0 = time.perf_counter()
+    # in a child, so this process stays small (a forked child's peak RSS counts the parent)
+    ml1m = tmp / "ml-1m"
+    subprocess.run([sys.executable, __file__, "--write-ml1m", str(ml1m)], check=True)
+    print(f"wrote ML-1M-sized files in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    cache = tmp / "cache"
+    spec = {"format": "movielens", "path": str(ml1m), "cache_dir": str(cache)}
+    cold, warm = [], []
+    for _ in range(repeats):
+        shutil.rmtree(cache, ignore_errors=True)
+        cold.append(run_case(spec))
+        warm.append(run_case(spec))
+    c0 = cold[0]
+    rows.append(
+        (
+            f"ML-1M-sized ratings.dat ({c0['rows']:,} rows, {c0['users']:,} users, "
+            f"{c0['tracks']:,} items), cold",
+            f"{_median(cold, 'seconds'):.2f} s (load {_median(cold, 'load_s'):.2f} s)",
+            f"{_median(cold, 'peak_rss_mib'):.0f} MiB",
+            "< 10 s",
+            f"{repeats}",
+        )
+    )
+    rows.append(
+        (
+            "ML-1M-sized, cached second load",
+            f"{_median(warm, 'seconds'):.3f} s",
+            f"{_median(warm, 'peak_rss_mib'):.0f} MiB",
+            "< 1 s",
+            f"{repeats}",
+        )
+    )
+    ml100k = SHARED / "ml-100k"
+    if ml100k.is_dir():
+        spec = {"format": "movielens", "path": str(ml100k), "cache_dir": None}
+        runs = [run_case(spec) for _ in range(repeats)]
+        rows.append(
+            (
+                "ML-100K (shared/data), cold",
+                f"{_median(runs, 'seconds'):.2f} s (load {_median(runs, 'load_s'):.2f} s)",
+                f"{_median(runs, 'peak_rss_mib'):.0f} MiB",
+                "< 2 s",
+                f"{repeats}",
+            )
+        )
+    else:
+        rows.append(("ML-100K", f"skipped: {ml100k} not found", "", "< 2 s", "0"))
+
+
+def _large_cases(tmp: Path, plays: int, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """Synthetic plays generated and prepared: in memory only, and written to the folder."""
+    for folder in (None, str(tmp / "cache-20m")):
+        spec = {
+            "format": "synthetic",
+            "options": {"preset": "default", "n_plays": plays},
+            "cache_dir": folder,
+        }
+        r = run_case(spec)
+        what = "generate + sessionize + split" + (
+            " + write the prepared folder" if folder else " (in memory)"
+        )
+        rows.append(
+            (
+                f"synthetic {r['rows'] / 1e6:.1f}M plays ({r['users']:,} users, "
+                f"{r['sessions']:,} sessions): {what}",
+                f"{r['seconds']:.1f} s (generate {r['load_s']:.1f} s)",
+                f"{r['peak_rss_mib'] / 1024:.2f} GiB",
+                "< 3 min, < 6 GiB",
+                "1",
+            )
+        )
 
 
 if __name__ == "__main__":

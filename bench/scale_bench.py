@@ -337,7 +337,7 @@ def _train_one(data_overrides: dict, mode: str, steps: int) -> dict:
     timed = probe.t1 - probe.t0 if probe.t0 is not None and probe.t1 is not None else 0.0
     return {
         "mode": mode,
-        "streaming": bool(dm.streaming),
+        "streaming": bool(dm.streamed),
         "num_buckets": data_overrides.get("data.num_buckets", ""),
         "blocks": len(dm.data.blocks),
         "rows_read": int(dm.data.report.rows_read),
