@@ -305,3 +305,35 @@ def test_a_model_of_a_prepared_folder_has_no_raw_logs_to_profile():
     side = SimpleNamespace(source="runs/x", data_config={"prepared": "/data/prep", "format": "x"})
     with pytest.raises(ValueError, match=r"prepared folder \(data.prepared=/data/prep\)"):
         data_config_of(side)
+
+
+@pytest.mark.parametrize("sequence_by", ["user", "session"])
+def test_listener_vectors_read_the_blocks_without_loading_the_plays(cache, sequence_by):
+    """``export --users`` builds each listener's latest plays block by block: the same as from
+    memory, with a listener's sessions spread over several blocks too, and the plays of a
+    streamed dataset are never loaded whole."""
+    from twotower.export import _latest_user_histories, _latest_user_plays
+
+    small = _dm(cache, streaming=False, sequence_by=sequence_by).data
+    streamed = _dm(cache, streaming=True, sequence_by=sequence_by).data
+    assert len(streamed.blocks) > 8
+    hist_a, has_a = _latest_user_histories(small, 20)
+    hist_b, has_b = _latest_user_histories(streamed, 20)
+    np.testing.assert_array_equal(hist_a, hist_b)
+    np.testing.assert_array_equal(has_a, has_b)
+    assert has_a.mean() > 0.9
+    plays_a, plays_b = _latest_user_plays(small, 20), _latest_user_plays(streamed, 20)
+    assert plays_a.keys() == plays_b.keys()
+    for k in plays_a:
+        np.testing.assert_array_equal(plays_a[k], plays_b[k])
+    assert streamed.train_sequences is None
+    # the reference: one block of every training sequence (no cut between blocks)
+    import dataclasses
+
+    from twotower.data.prepared import Block
+
+    whole = [Block(0, len(small.train.items), seq_start=0, seq_stop=len(small.train))]
+    one = dataclasses.replace(small, blocks=whole)
+    np.testing.assert_array_equal(_latest_user_histories(one, 20)[0], hist_a)
+    for k, v in _latest_user_plays(one, 20).items():
+        np.testing.assert_array_equal(v, plays_a[k])

@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -450,11 +450,46 @@ def _query_vectors(
     return np.concatenate(out) if out else np.zeros((0, int(tower.config["dim"])), np.float32)
 
 
+def _latest_training_rows(
+    data: Any, window: int, columns: Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray]]
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The latest ``window`` kept training rows of every user, read block by block.
+
+    A streamed dataset is never held whole: each block (whole sequences) keeps only its last
+    ``window`` rows per user, and a user whose sequences span blocks is cut again later.
+
+    Returns:
+        The columns of the kept rows, their user index and their time (``[R]`` each), in the
+        blocks' order.
+    """
+    parts: list[dict[str, np.ndarray]] = []
+    users, times = [], []
+    for b in data.blocks:
+        seqs = data.block(b)
+        cols, keep = columns(seqs)
+        user_of = np.repeat(seqs.users, seqs.lengths)  # [n]
+        rows = np.flatnonzero(keep & (user_of >= 2) & (cols["history"] >= 2))
+        order = rows[np.lexsort((seqs.timestamps[rows], user_of[rows]))]  # by user, then time
+        u = user_of[order]
+        last = np.append(np.flatnonzero(u[1:] != u[:-1]), len(u) - 1)  # last row of each user
+        to_end = np.repeat(last, np.diff(np.append(-1, last))) - np.arange(len(u))
+        sel = order[to_end < window]
+        parts.append({k: v[sel] for k, v in cols.items()})
+        users.append(user_of[sel])
+        times.append(seqs.timestamps[sel])
+    keys = parts[0].keys() if parts else ()
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in keys}
+    return (
+        cols,
+        np.concatenate(users or [np.zeros(0, np.int64)]),
+        np.concatenate(times or [np.zeros(0, np.int64)]),
+    )
+
+
 def _latest_per_user(
     data: Any,
     window: int,
-    train: dict[str, np.ndarray],
-    keep: np.ndarray,
+    columns: Callable[[Any], tuple[dict[str, np.ndarray], np.ndarray]],
     test: dict[str, np.ndarray] | None = None,
     test_offsets: np.ndarray | None = None,
     target: dict[str, np.ndarray] | None = None,
@@ -467,10 +502,10 @@ def _latest_per_user(
     Plays of ids unknown to the model (``history`` below 2) are left out with their columns.
 
     Args:
-        data: Prepared data (``train`` sequences, ``test`` evaluation set).
+        data: Prepared data (training blocks, ``test`` evaluation set).
         window: Plays kept per user (the most recent).
-        train: Per training row columns ``[N]``, ``history`` among them.
-        keep: Training rows to use ``[N]`` (e.g. positives only).
+        columns: For the sequences of one block: per-row columns ``[n]`` (``history`` among
+            them) and the rows to use ``[n]`` (e.g. positives only).
         test: Per test-history-play columns ``[M]`` (same keys), None: no test override.
         test_offsets: Query offsets into ``test`` ``[Q+1]``.
         target: Per test query ``[Q]``: the target's value of each column, appended as the
@@ -481,10 +516,8 @@ def _latest_per_user(
         Each column left-padded to ``[U-2, window]`` int64.
     """
     fill = fill or {}
-    tr = data.train
-    user_of = np.repeat(tr.users, tr.lengths)  # [N]
-    rows = np.flatnonzero(keep & (user_of >= 2) & (train["history"] >= 2))
-    order = rows[np.lexsort((tr.timestamps[rows], user_of[rows]))]  # by user, then time
+    train, user_of, times = _latest_training_rows(data, window, columns)  # [R] each
+    order = np.lexsort((times, user_of))  # by user, then time
     counts = np.bincount(user_of[order], minlength=data.num_users)  # [U]
     offsets = np.concatenate([[0], np.cumsum(counts)])
     out = {
@@ -517,12 +550,11 @@ def _latest_user_histories(data: Any, window: int) -> tuple[np.ndarray, np.ndarr
     See :func:`_latest_per_user` (the positive plays and the history column only). Returns the
     left-padded histories and a mask of users that have any event.
     """
-    tr, te = data.train, data.test
+    te = data.test
     hist = _latest_per_user(
         data,
         window,
-        {"history": tr.items},
-        tr.positive.astype(bool),
+        lambda seqs: ({"history": seqs.items}, seqs.positive.astype(bool)),
         {"history": te.history},
         te.offsets,
         {"history": te.targets},
@@ -543,16 +575,20 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
         ``history``, ``skips``, ``gaps``, ``play_hours``, ``play_weekdays``: ``[U-2, window]``
         int64, left-padded with 0 (the clock with -1, unknown).
     """
-    tr, te = data.train, data.test
-    train = {
-        "history": tr.items,
-        "skips": ~tr.positive.astype(bool),
-        "gaps": tr.play_gaps(),  # as the training windows read them
-        **dict(zip(CLOCK_FIELDS, play_clock(tr.timestamps), strict=True)),
-    }
+    te = data.test
+
+    def train(seqs: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        cols = {
+            "history": seqs.items,
+            "skips": ~seqs.positive.astype(bool),
+            "gaps": seqs.play_gaps(),  # as the training windows read them (whole sequences)
+            **dict(zip(CLOCK_FIELDS, play_clock(seqs.timestamps), strict=True)),
+        }
+        return cols, np.ones(len(seqs.items), dtype=bool)  # every play
+
     fill = {f.name: f.unknown for f in FIELDS if f.name in CLOCK_FIELDS}  # -1: unknown
     if te.plays is None:  # an evaluation set without plays: training plays only
-        return _latest_per_user(data, window, train, np.ones(len(tr.items), bool), fill=fill)
+        return _latest_per_user(data, window, train, fill=fill)
     test = {"history": te.plays, "skips": te.plays_skipped, "gaps": te.plays_gaps}
     target = {"history": te.targets, "skips": np.zeros(len(te)), "gaps": te.request_gaps}
     if te.plays_timestamps is not None and te.target_timestamps is not None:
@@ -561,8 +597,7 @@ def _latest_user_plays(data: Any, window: int) -> dict[str, np.ndarray]:
     else:  # an evaluation set without play times: the clock unknown
         test.update({k: np.full(len(te.plays), fill[k]) for k in CLOCK_FIELDS})
         target.update({k: np.full(len(te), fill[k]) for k in CLOCK_FIELDS})
-    train_keep = np.ones(len(tr.items), dtype=bool)
-    return _latest_per_user(data, window, train, train_keep, test, te.plays_offsets, target, fill)
+    return _latest_per_user(data, window, train, test, te.plays_offsets, target, fill)
 
 
 def _holdout_frame(

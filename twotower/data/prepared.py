@@ -371,6 +371,11 @@ class PreparedData:
     blocks: list[Block] = field(default_factory=list)
     catalogue: pd.DataFrame | None = None
 
+    def __post_init__(self) -> None:
+        seqs = self.train_sequences
+        if not self.blocks and seqs is not None and len(seqs):  # one block of everything
+            self.blocks = [Block(0, len(seqs.items), seq_start=0, seq_stop=len(seqs))]
+
     @property
     def num_items(self) -> int:
         """Item vocabulary size including pad and OOV."""
