@@ -217,22 +217,23 @@ class TwoTowerDataModule(pl.LightningDataModule):
         """The prepared data (built, or read from its folder, on first use).
 
         Streamed, the training plays stay on disk; :attr:`PreparedData.train` reads them all
-        only when a caller needs them in memory (baselines, ``export --users``).
+        only when a caller needs every play in memory (the baselines).
         """
         if self._data is None:
             on_disk = self.prepared is not None or self.config.cache_dir is not None
             in_memory = self.streaming is False or (self.streaming == "auto" and not on_disk)
-            if self.prepared is not None:
-                try:
+            one_buffer = self.config.block_rows * self.shuffle_blocks
+            try:
+                if self.prepared is not None:
                     data = PreparedData.load(self.prepared, train=in_memory)
-                except ValueError as e:
-                    raise DataError(f"data.prepared: {e}") from e
-            else:
-                data = prepare_data(self.config, in_memory=in_memory)
-            if self.streaming == "auto" and data.train_rows <= self.config.block_rows * (
-                self.shuffle_blocks
-            ):
-                data.hold_in_memory()
+                else:
+                    data = prepare_data(self.config, in_memory=in_memory)
+                if self.streaming == "auto" and data.train_rows <= one_buffer:
+                    data.hold_in_memory()
+            except DataError:
+                raise
+            except ValueError as e:  # an unreadable prepared folder
+                raise DataError(f"data.prepared: {e}" if self.prepared else str(e)) from e
             self._data = data
         return self._data
 

@@ -207,15 +207,14 @@ class TrainingBatches(IterableDataset):
                 parts.insert(0, carry)
             if not parts:
                 return
-            arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-            n = len(arrays["users"])
+            arrays = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            n = len(arrays["users"])  # windows of the buffer (and the carried remainder)
             # every shard of a batch split draws the same order; the first buffer of the first
             # shard draws from (seed, epoch) alone: one buffer = one global shuffle
             who = 0 if step > 1 else shard
-            key = [self.seed, epoch] + ([] if k == 0 and who == 0 else [who, k])
-            rng = np.random.default_rng(key)
-            lengths = (arrays["items"] != 0).sum(axis=1)
-            order = epoch_order(n, rng, lengths, bs)
+            seed = [self.seed, epoch] + ([] if k == 0 and who == 0 else [who, k])
+            lengths = (arrays["items"] != 0).sum(axis=1)  # [n] real inputs per window
+            order = epoch_order(n, np.random.default_rng(seed), lengths, bs)  # [n]
             full = n if last else (n // bs) * bs
             for start in range(0, full, bs):
                 i = produced
@@ -225,10 +224,10 @@ class TrainingBatches(IterableDataset):
                 if skip > 0:
                     skip -= 1
                     continue
-                idx = order[start : start + bs]
-                yield {key: torch.from_numpy(v[idx]) for key, v in arrays.items()}
-            rest = order[full:]
-            carry = {key: v[rest] for key, v in arrays.items()} if len(rest) else None
+                idx = order[start : start + bs]  # [bs]
+                yield {name: torch.from_numpy(v[idx]) for name, v in arrays.items()}
+            rest = order[full:]  # the short remainder, carried into the next buffer
+            carry = {name: v[rest] for name, v in arrays.items()} if len(rest) else None
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
