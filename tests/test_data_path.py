@@ -337,3 +337,43 @@ def test_listener_vectors_read_the_blocks_without_loading_the_plays(cache, seque
     np.testing.assert_array_equal(_latest_user_histories(one, 20)[0], hist_a)
     for k, v in _latest_user_plays(one, 20).items():
         np.testing.assert_array_equal(v, plays_a[k])
+
+
+# ---------------------------------------------------------------------------------- DDP, for real
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--data.streaming", "true", "--data.block_rows", "400", "--data.shuffle_blocks", "2"],
+        [],  # in memory, one block: every rank reads it and keeps every other batch
+    ],
+    ids=["streamed-blocks-by-rank", "in-memory-batches-by-rank"],
+)
+def test_two_cpu_ranks_train_the_same_steps_and_finish(tmp_path, extra):
+    """``train.py fit`` on 2 DDP ranks (gloo, CPU): no rank waits forever for another (a
+    rank-0-only callback once called a collective and hung every multi-device run at the start),
+    and every rank runs the planned number of steps."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(TINY)]
+    cmd += ["--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp"]
+    cmd += ["--trainer.max_epochs", "2", "--data.cache_dir", str(tmp_path / "cache"), *extra]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "training done: best val/ndcg@10" in res.stdout
+    last = tmp_path / "runs" / "twotower" / "version_0" / "checkpoints" / "last.ckpt"
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    flags = dict(zip(extra[::2], extra[1::2], strict=True))
+    dm = TwoTowerDataModule(
+        options={"preset": "tiny"},
+        batch_size=32,
+        window=20,
+        cache_dir=str(tmp_path / "cache"),
+        streaming=flags.get("--data.streaming", "auto") == "true" or "auto",
+        block_rows=int(flags.get("--data.block_rows", 262_144)),
+        shuffle_blocks=int(flags.get("--data.shuffle_blocks", 16)),
+    )
+    ranks = dm.train_batches(0, 2)
+    assert ranks.by_block() == bool(extra)
+    assert step == sum(ranks.rank_batches(e) for e in range(2)) > 0

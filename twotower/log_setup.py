@@ -23,6 +23,8 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"skip_none parameter was deprecated", Warning),  # jsonargparse, from Lightning's code
     # TrainingBatches gives every worker its own shard and knows the exact batch count
     (r"Your `IterableDataset` has `__len__` defined", UserWarning),
+    # under DDP the module gathers every rank's ranks before it logs an epoch metric
+    (r"It is recommended to use `self.log\(", Warning),
 )
 
 

@@ -33,15 +33,25 @@ def checkpoint_dir(trainer: pl.Trainer) -> Path | None:
     if cb.dirpath:
         return Path(cb.dirpath)
     # ModelCheckpoint resolves its folder in setup; before that, Lightning's rule:
-    log_dir = trainer.log_dir if trainer.loggers else None
-    return Path(log_dir or trainer.default_root_dir) / "checkpoints"
+    return Path(_logger_dir(trainer) or trainer.default_root_dir) / "checkpoints"
+
+
+def _logger_dir(trainer: pl.Trainer) -> str | None:
+    """The first logger's folder, as ``Trainer.log_dir`` finds it, without its broadcast.
+
+    ``Trainer.log_dir`` is a collective under DDP (every rank must call it); this callback
+    prints on rank 0 only, where a collective would wait for the other ranks forever.
+    """
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    folder = getattr(logger, "log_dir", None) or logger.save_dir
+    return str(folder) if folder else None
 
 
 def log_dir(trainer: pl.Trainer) -> Path | None:
     """The TensorBoard (or other logger's) folder of this run (None without a logger)."""
-    if not trainer.loggers:
-        return None
-    folder = trainer.log_dir
+    folder = _logger_dir(trainer)
     return Path(folder) if folder else None
 
 

@@ -500,7 +500,7 @@ class PreparedData:
             train_sequences=None,
             valid=evals["valid"],
             test=evals["test"],
-            item_counts=items["count"].to_numpy(dtype=np.int64),
+            item_counts=np.array(items["count"], dtype=np.int64),  # writable
             features=_features_of(items, v, list(header.get("audio_names") or [])),
             tracks=_display_of(items),
             report=DataReport.from_dict(header.get("report") or {}),
