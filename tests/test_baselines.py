@@ -91,7 +91,7 @@ def make_prepared(
         context_vocab=Vocab([]),
         train_sequences=seqs,
         valid=make_eval(valid),
-        test=make_eval(test),
+        test_set=make_eval(test),
         item_counts=np.bincount(items[positive], minlength=v).astype(np.int64),
         features=features,
         tracks=pd.DataFrame({"track_id": ["<pad>", "<oov>", *ids], "title": None, "artist": None}),

@@ -532,7 +532,7 @@ def _build(cfg: DataConfig, fp: str) -> PreparedData:
         context_vocab=ctx_vocab,
         train_sequences=sequences,
         valid=evals["valid"],
-        test=evals["test"],
+        test_set=evals["test"],
         item_counts=item_counts,
         features=features,
         tracks=display,

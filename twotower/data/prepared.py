@@ -342,7 +342,8 @@ class PreparedData:
         train_sequences: Training sequences in memory, or None while they are only on disk
             (:attr:`train` reads them on first use; streamed training reads :attr:`blocks`).
         valid: Validation next-item examples.
-        test: Test next-item examples.
+        test_set: Test next-item examples, or None while only on disk (:attr:`test` reads
+            them on first use: training never needs them).
         item_counts: Training frequency per item index, ``[V]`` int64 (logQ, popularity).
         features: Item side features.
         tracks: Display metadata aligned with item indices (row i = item i; rows 0/1 reserved),
@@ -352,6 +353,7 @@ class PreparedData:
         params: The preprocessing parameters.
         blocks: The training blocks: row groups of the folder, or slices of the in-memory
             sequences cut the same way.
+        folder: The prepared folder the data was read from (None: built in memory only).
         catalogue: With hashed track ids (:class:`~twotower.ids.BucketIds`), every raw
             training track: ``track_id``, ``index`` (its bucket), ``plays``; else None.
     """
@@ -361,7 +363,7 @@ class PreparedData:
     context_vocab: Vocab
     train_sequences: Sequences | None
     valid: EvalSet
-    test: EvalSet
+    test_set: EvalSet | None
     item_counts: np.ndarray
     features: ItemFeatures
     tracks: pd.DataFrame
@@ -370,6 +372,7 @@ class PreparedData:
     params: dict[str, Any] = field(default_factory=dict)
     blocks: list[Block] = field(default_factory=list)
     catalogue: pd.DataFrame | None = None
+    folder: Path | None = None
 
     def __post_init__(self) -> None:
         seqs = self.train_sequences
@@ -477,7 +480,7 @@ class PreparedData:
                 raise ValueError(f"{f}: missing or corrupt (size or checksum mismatch)")
         try:
             items = pd.read_parquet(path / "items.parquet")
-            evals = {n: _eval_set(path / f"{n}.parquet") for n in ("valid", "test")}
+            valid = _eval_set(path / "valid.parquet")
         except (OSError, pa.ArrowException, KeyError) as e:
             raise ValueError(f"{path}: unreadable items or evaluation file ({e})") from e
         try:
@@ -498,8 +501,8 @@ class PreparedData:
             user_vocab=Vocab(v.get("user", [])),
             context_vocab=Vocab(v.get("context", [])),
             train_sequences=None,
-            valid=evals["valid"],
-            test=evals["test"],
+            valid=valid,
+            test_set=None,
             item_counts=np.array(items["count"], dtype=np.int64),  # writable
             features=_features_of(items, v, list(header.get("audio_names") or [])),
             tracks=_display_of(items),
@@ -508,10 +511,27 @@ class PreparedData:
             params=dict(header.get("params") or {}),
             blocks=blocks,
             catalogue=catalogue,
+            folder=path,
         )
         if train:
             data.hold_in_memory()
         return data
+
+    @property
+    def test(self) -> EvalSet:
+        """The test examples (read from the folder on first use)."""
+        if self.test_set is None:
+            if self.folder is None:
+                raise ValueError("no test examples: neither in memory nor a folder to read")
+            try:
+                self.test_set = _eval_set(self.folder / "test.parquet")
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{self.folder / 'test.parquet'}: unreadable ({e})") from e
+        return self.test_set
+
+    @test.setter
+    def test(self, value: EvalSet) -> None:
+        self.test_set = value
 
     @property
     def train_rows(self) -> int:
