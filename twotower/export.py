@@ -647,11 +647,7 @@ def _hashed_catalogue(data: Any, raw_ids: bool) -> tuple[pd.DataFrame, list[str]
     ``i + 2``).
     """
     counts = np.asarray(data.item_counts[2:], dtype=np.int64)
-    hashed = getattr(data.item_vocab, "vocab", None)
-    if hashed is None:  # exact vocabulary
-        ids = [str(t) for t in data.item_vocab.ids]
-        items = pd.DataFrame({"track_id": pd.Series(ids, dtype="string"), "plays": counts})
-        return items, ids, {"kind": "exact"}
+    hashed = data.item_vocab.vocab  # a BucketIds: the caller checked
     labels = [str(t) for t in data.item_vocab.ids]  # bucket#i
     ids = list(labels)
     raw = [[] for _ in labels]

@@ -33,8 +33,8 @@ from twotower.data.eval_dataset import EvalDataset
 from twotower.data.pipeline import DataConfig, prepare_data
 from twotower.data.prepared import DEFAULT_BLOCK_ROWS, PreparedData
 from twotower.data.schema import DataError
-from twotower.data.train_batches import TrainingBatches, TrainLoader, global_seed, window_count
-from twotower.data.windows import build_windows
+from twotower.data.train_batches import TrainingBatches, TrainLoader, global_seed
+from twotower.data.windows import build_windows, windows_per_sequence
 from twotower.query import left_pad_last  # noqa: F401  (re-export)
 
 __all__ = ["EvalDataset", "TwoTowerDataModule", "build_windows", "left_pad_last"]
@@ -60,7 +60,7 @@ def block_windows(data: PreparedData, window: int, stride: int, play_signals: bo
             seq = t.column("seq").to_numpy()
             keep = np.ones(len(seq), bool) if play_signals else t.column("positive").to_numpy()
             _, n = np.unique(seq[keep], return_counts=True)
-        out[i] = window_count(n, window, stride)
+        out[i] = int(windows_per_sequence(n, window, stride).sum())
     return out
 
 
@@ -272,7 +272,7 @@ class TwoTowerDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         """Prepare the data once (rank 0) before every rank reads the folder in :meth:`setup`."""
         if self.prepared is None and self.config.cache_dir is not None:
-            prepare_data(self.config, in_memory=False)
+            prepare_data(self.config, in_memory=False)  # rank 0 checks or rebuilds the folder
 
     def setup(self, stage: str | None = None) -> None:
         """Load the data (every rank) and plan the training batches."""

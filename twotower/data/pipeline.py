@@ -27,7 +27,13 @@ import pyarrow as pa
 from twotower import __version__
 from twotower.data import splits as sp
 from twotower.data.features import build_item_features
-from twotower.data.prepared import CACHE_FORMAT, DEFAULT_BLOCK_ROWS, PreparedData, memory_blocks
+from twotower.data.prepared import (
+    CACHE_FORMAT,
+    DEFAULT_BLOCK_ROWS,
+    PreparedData,
+    list_blocks,
+    memory_blocks,
+)
 from twotower.data.report import DataReport
 from twotower.data.schema import DataError
 from twotower.data.sessions import (
@@ -627,8 +633,9 @@ def prepare_data(cfg: DataConfig, log_report: bool = True, in_memory: bool = Tru
         log.info("%s", data.report.format())
     if folder is not None:
         data.save(folder, cfg.block_rows)
-        if not in_memory:
-            return PreparedData.load(folder, train=False)
+        if not in_memory:  # the plays are on disk now: leave them there
+            data.train_sequences, data.blocks = None, list_blocks(folder)
+            data.folder = folder
     return data
 
 

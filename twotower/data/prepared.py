@@ -392,8 +392,8 @@ class PreparedData:
     @property
     def train(self) -> Sequences:
         """Every training sequence in memory (read from the blocks on first use)."""
-        if self.train_sequences is None:
-            self.train_sequences = concat_sequences([read_block(b) for b in self.blocks])
+        self.hold_in_memory()
+        assert self.train_sequences is not None
         return self.train_sequences
 
     def block(self, b: Block) -> Sequences:

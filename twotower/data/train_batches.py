@@ -75,13 +75,6 @@ def epoch_order(
     return np.concatenate([full[i] for i in rng.permutation(len(full))] + short)
 
 
-def window_count(seqs_lengths: np.ndarray, window: int, stride: int) -> int:
-    """Training windows of sequences with ``seqs_lengths`` usable plays each."""
-    stride = stride or window
-    n = seqs_lengths
-    return int(np.where(n >= 2, (n - 2) // stride + 1, 0).sum())
-
-
 class TrainingBatches(IterableDataset):
     """The training batches of one DDP rank; loader workers split them (see the module doc).
 

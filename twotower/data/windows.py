@@ -15,6 +15,12 @@ from twotower.data.prepared import Sequences
 from twotower.query import UNKNOWN_HOUR, UNKNOWN_WEEKDAY, play_clock
 
 
+def windows_per_sequence(n: np.ndarray, window: int, stride: int = 0) -> np.ndarray:
+    """Training windows of sequences with ``n`` usable plays each: ``ceil((n - 1) / stride)``."""
+    stride = stride or window
+    return np.where(n >= 2, (n - 2) // stride + 1, 0)
+
+
 def build_windows(
     seqs: Sequences,
     window: int,
@@ -54,7 +60,7 @@ def build_windows(
     seq_of = seq_of[keep]
     n = np.bincount(seq_of, minlength=num_seq)  # positives per sequence
     starts = np.cumsum(n) - n
-    per_seq = np.where(n >= 2, (n - 2) // stride + 1, 0)  # ceil((n - 1) / stride) windows
+    per_seq = windows_per_sequence(n, window, stride)  # [S]
     w_seq = np.repeat(np.arange(num_seq), per_seq)  # [W]
     k = np.arange(len(w_seq)) - np.repeat(np.cumsum(per_seq) - per_seq, per_seq)  # 0 = latest
     end = n[w_seq] - 1 - k * stride  # [W] position of the last target in its sequence
